@@ -1,0 +1,688 @@
+"""Triton selective-scan backend (the default on CUDA).
+
+Implements the backend contract of ``vim2_kernels.selective_scan`` (see docs/kernels.md):
+``NAME``, ``unavailable_reason``, ``saved_shape``, ``scan_forward``, ``scan_backward``.
+
+Algorithm
+---------
+Rows are the flattened ``(batch, dim)`` pairs. One Triton program owns a tile of ``BLOCK_ROWS`` rows
+and walks the whole sequence in scan order, one *time block* of ``BLOCK_T`` steps at a time:
+
+* the block's inputs are loaded once as 2-D tiles ``(BLOCK_ROWS, BLOCK_T)`` (``u``, ``delta``, ``z``,
+  ``dout``) and ``(BLOCK_N, BLOCK_T)`` for ``B``/``C`` when every row of the tile belongs to the same
+  ``(batch, group)`` (then B/C are loaded once per tile and broadcast over its rows), otherwise
+  ``(BLOCK_ROWS, BLOCK_N, BLOCK_T)`` gathered per row (e.g. the channel mixer: dim = 1, one row per
+  token);
+* the recurrence ``h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t`` inside the block is a
+  ``tl.associative_scan`` over the time axis of ``(BLOCK_ROWS, BLOCK_N, BLOCK_T)`` float32 register
+  tiles; the state entering the block (``(BLOCK_ROWS, BLOCK_N)`` float32, kept in registers across
+  blocks) is folded into the block's first step. Only products of ``exp(dt*A)`` factors are formed:
+  nothing is ever divided by a decay factor.
+* the state entering every time block is written to ``saved`` ``(batch, dim, n_blocks, N)``
+  (float32), so the backward pass recomputes each block's states from its checkpoint in registers:
+  no ``(batch, dim, L, N)`` tensor and no global scratch buffer exist in either pass.
+
+Backward walks the blocks in reverse scan order. With ``G_s`` the gradient w.r.t. the state after
+step ``s`` (scan order), ``G_s = gy_s C_s + a_{s+1} G_{s+1}`` is computed inside a block by a second
+associative scan run against the scan direction, with segments represented as
+``(first decay, product of the remaining decays, partial sum)`` so that no shifted copy of the decays
+is needed. The identity ``a_s h_{s-1} = h_s - dt_s B_s u_s`` gives the decay gradient without the
+previous state.
+
+Gradient reductions
+-------------------
+``dA``, ``dD``, ``ddelta_bias`` are per-row float32 partials summed over batch with ``torch.sum``
+(deterministic). ``dB``/``dC`` (sum over the channels of a group) use, in this order of preference:
+a direct store when each row is its own ``(batch, group)`` (``dim // G == 1``); per-tile partials
+``(batch, G, dim_per_group // BLOCK_ROWS, N, L)`` reduced by ``torch.sum`` (deterministic; chosen when
+``torch.are_deterministic_algorithms_enabled()`` or when there are at most ``MAX_PARTIAL_SLOTS``
+partials per group); otherwise float32 ``tl.atomic_add`` into one ``(batch, G, N, L)`` buffer (the order
+of the additions, hence the last bits, may vary between runs). ``BC_GRAD_REDUCTION`` forces a choice.
+
+Layouts and dtypes
+------------------
+Sequence tensors keep their strides (token-major views, ``Ls = (L1, L2)`` two-level sequences whose
+position ``t`` lives at ``(t // L2, t % L2)``): nothing is copied; ``reverse=True`` is pure index
+arithmetic. All offsets are int64. fp16/bf16 inputs are converted to float32 on load; outputs are
+stored in ``u.dtype``. float64 inputs are computed in float64 end to end (``saved`` is then float64
+too) - useful under ``TRITON_INTERPRET=1``; the public dispatcher normally routes float64 to the
+reference backend. ``A``, ``D``, ``delta_bias`` and ``initial_state`` are small and are made
+contiguous (a copy only when they are not).
+
+Triton is optional: without it this module still imports, and ``unavailable_reason`` says why it
+cannot run. On CPU tensors the kernels run under Triton's interpreter when ``TRITON_INTERPRET=1`` was
+set before this module was imported (slow; meant for tests on tiny shapes).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+NAME = "triton"
+
+# Largest number of time steps processed per block (= distance between saved checkpoints). A power of
+# two; the block is shrunk to next_power_of_2(L) for short sequences. Module-level so tests can make it
+# small; scan_forward and scan_backward must see the same value (saved_shape depends on it).
+CHUNK_SIZE = 32
+# Force the tile height (a power of two) instead of the heuristic; for tests and tuning.
+BLOCK_ROWS: Optional[int] = None
+# dB/dC reduction over the channels of a group: "auto" | "partials" | "atomic" (see module docstring).
+BC_GRAD_REDUCTION = "auto"
+# "auto" uses deterministic per-tile partials when there are at most this many tiles per group.
+MAX_PARTIAL_SLOTS = 8
+
+try:  # Triton ships with Linux CUDA builds of torch only; the module must import without it.
+    import triton
+    import triton.language as tl
+except Exception as _exc:  # ImportError, or a broken install raising something else
+    triton = None
+    tl = None
+    _IMPORT_ERROR: Optional[str] = f"triton is not installed or failed to import ({type(_exc).__name__}: {_exc})"
+else:
+    _IMPORT_ERROR = None
+
+_INTERPRETED = False
+
+if triton is not None:
+
+    @triton.jit
+    def _seq_offsets(t, L2, s1, s2, TWO_LEVEL: tl.constexpr):
+        # t: int64 positions in the flattened sequence; two-level sequences map t -> (t // L2, t % L2).
+        if TWO_LEVEL:
+            t1 = t // L2
+            off = t1 * s1 + (t - t1 * L2) * s2
+        else:
+            off = t * s2
+        return off
+
+    @triton.jit
+    def _softplus(x):
+        # mamba's softplus: x above 20, else log1p(exp(x)) with an accurate log1p (Goldberg's trick).
+        e = tl.exp(tl.minimum(x, 20.0))
+        w = 1.0 + e
+        log1p_e = tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
+        return tl.where(x > 20.0, x, log1p_e)
+
+    @triton.jit
+    def _combine_linear(a_acc, b_acc, a_cur, b_cur):
+        # Affine maps h -> a*h + b composed in scan order (acc first, then cur).
+        return a_acc * a_cur, a_cur * b_acc + b_cur
+
+    @triton.jit
+    def _combine_adjoint(first_acc, rest_acc, sum_acc, first_cur, rest_cur, sum_cur):
+        # Segments of the adjoint recurrence G_s = b_s + a_{s+1} G_{s+1}; the scan runs against the scan
+        # order, so `acc` is the segment that follows `cur` in scan order. A segment [s..e] is
+        # (a_s, a_{s+1}*...*a_e, sum_k a_{s+1}*...*a_k * b_k).
+        link = rest_cur * first_acc
+        return first_cur, link * rest_acc, sum_cur + link * sum_acc
+
+    @triton.jit
+    def _block_states(u_ptr, dl_ptr, B_ptr, row_u, row_dl, B_base, t, row_ok, t_ok, offs_n, n_ok,
+                      A3, bias, h_in, L2,
+                      su_1, su_2, sd_1, sd_2, sB_n, sB_1, sB_2,
+                      TWO_LEVEL: tl.constexpr, SHARED_BC: tl.constexpr, REVERSE: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BLOCK_T: tl.constexpr,
+                      COMPUTE: tl.constexpr):
+        """States after every step of one time block. Returns (uu, x, dt, a, bx, B3, hs)."""
+        mask2 = row_ok[:, None] & t_ok[None, :]
+        tu = _seq_offsets(t, L2, su_1, su_2, TWO_LEVEL)
+        td = _seq_offsets(t, L2, sd_1, sd_2, TWO_LEVEL)
+        tb = _seq_offsets(t, L2, sB_1, sB_2, TWO_LEVEL)
+        uu = tl.load(u_ptr + row_u[:, None] + tu[None, :], mask=mask2, other=0.0).to(COMPUTE)
+        x = tl.load(dl_ptr + row_dl[:, None] + td[None, :], mask=mask2, other=0.0).to(COMPUTE)
+        if HAS_BIAS:
+            x = x + bias[:, None]
+        if SOFTPLUS:
+            dt = _softplus(x)
+        else:
+            dt = x
+        # Padding (rows past the end, steps past L) becomes the identity step: a = 1, bx = 0.
+        dt = tl.where(mask2, dt, 0.0)
+        if SHARED_BC:
+            B2 = tl.load(B_ptr + B_base + offs_n[:, None] * sB_n + tb[None, :],
+                         mask=n_ok[:, None] & t_ok[None, :], other=0.0).to(COMPUTE)
+            B3 = B2[None, :, :]
+        else:
+            B3 = tl.load(B_ptr + B_base[:, None, None] + offs_n[None, :, None] * sB_n + tb[None, None, :],
+                         mask=row_ok[:, None, None] & n_ok[None, :, None] & t_ok[None, None, :],
+                         other=0.0).to(COMPUTE)
+        a = tl.exp(dt[:, None, :] * A3)
+        bx = (dt * uu)[:, None, :] * B3
+        # Fold the state entering the block into its first step in scan order.
+        pos = tl.arange(0, BLOCK_T)
+        if REVERSE:
+            first = pos == BLOCK_T - 1
+        else:
+            first = pos == 0
+        bx_in = tl.where(first[None, None, :], a * h_in[:, :, None], 0.0) + bx
+        _, hs = tl.associative_scan((a, bx_in), axis=2, combine_fn=_combine_linear, reverse=REVERSE)
+        return uu, x, dt, a, bx, B3, hs
+
+    @triton.jit
+    def _load_bc(C_ptr, C_base, t, row_ok, t_ok, n_ok, offs_n, L2, sC_n, sC_1, sC_2,
+                 TWO_LEVEL: tl.constexpr, SHARED_BC: tl.constexpr, COMPUTE: tl.constexpr):
+        tc = _seq_offsets(t, L2, sC_1, sC_2, TWO_LEVEL)
+        if SHARED_BC:
+            C2 = tl.load(C_ptr + C_base + offs_n[:, None] * sC_n + tc[None, :],
+                         mask=n_ok[:, None] & t_ok[None, :], other=0.0).to(COMPUTE)
+            C3 = C2[None, :, :]
+        else:
+            C3 = tl.load(C_ptr + C_base[:, None, None] + offs_n[None, :, None] * sC_n + tc[None, None, :],
+                         mask=row_ok[:, None, None] & n_ok[None, :, None] & t_ok[None, None, :],
+                         other=0.0).to(COMPUTE)
+        return C3
+
+    @triton.jit
+    def _scan_fwd_kernel(
+        u_ptr, dl_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, h0_ptr,
+        out_ptr, last_ptr, saved_ptr,
+        n_rows, dim, dim_per_group, L, L2, N, n_blocks,
+        su_b, su_d, su_1, su_2,
+        sd_b, sd_d, sd_1, sd_2,
+        sz_b, sz_d, sz_1, sz_2,
+        sB_b, sB_g, sB_n, sB_1, sB_2,
+        sC_b, sC_g, sC_n, sC_1, sC_2,
+        BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+        SHARED_BC: tl.constexpr, TWO_LEVEL: tl.constexpr, REVERSE: tl.constexpr,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+        SOFTPLUS: tl.constexpr, COMPUTE: tl.constexpr,
+    ):
+        pid = tl.program_id(0).to(tl.int64)
+        rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)
+        row_ok = rows < n_rows
+        bidx = rows // dim
+        didx = rows - bidx * dim
+        gidx = didx // dim_per_group
+        offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+        n_ok = offs_n < N
+        rn_mask = row_ok[:, None] & n_ok[None, :]
+        A2 = tl.load(A_ptr + didx[:, None] * N + offs_n[None, :], mask=rn_mask, other=0.0).to(COMPUTE)
+        A3 = A2[:, :, None]
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + didx, mask=row_ok, other=0.0).to(COMPUTE)
+        else:
+            bias = tl.zeros((BLOCK_ROWS,), dtype=COMPUTE)
+        if HAS_D:
+            Dv = tl.load(D_ptr + didx, mask=row_ok, other=0.0).to(COMPUTE)
+        if HAS_H0:
+            h = tl.load(h0_ptr + rows[:, None] * N + offs_n[None, :], mask=rn_mask, other=0.0).to(COMPUTE)
+        else:
+            h = tl.zeros((BLOCK_ROWS, BLOCK_N), dtype=COMPUTE)
+        row_u = bidx * su_b + didx * su_d
+        row_dl = bidx * sd_b + didx * sd_d
+        row_z = bidx * sz_b + didx * sz_d
+        if SHARED_BC:
+            # The whole tile lies in one (batch, group): B/C are loaded once and broadcast over rows.
+            row0 = pid * BLOCK_ROWS
+            b0 = row0 // dim
+            g0 = (row0 - b0 * dim) // dim_per_group
+            B_base = b0 * sB_b + g0 * sB_g
+            C_base = b0 * sC_b + g0 * sC_g
+        else:
+            B_base = bidx * sB_b + gidx * sB_g
+            C_base = bidx * sC_b + gidx * sC_g
+        pos = tl.arange(0, BLOCK_T)
+        if REVERSE:
+            last_pos = pos == 0
+        else:
+            last_pos = pos == BLOCK_T - 1
+        for i in range(n_blocks):
+            if REVERSE:
+                c = n_blocks - 1 - i
+            else:
+                c = i
+            t = c.to(tl.int64) * BLOCK_T + pos.to(tl.int64)
+            t_ok = t < L
+            tl.store(saved_ptr + (rows[:, None] * n_blocks + c) * N + offs_n[None, :], h, mask=rn_mask)
+            uu, x, dt, a, bx, B3, hs = _block_states(
+                u_ptr, dl_ptr, B_ptr, row_u, row_dl, B_base, t, row_ok, t_ok, offs_n, n_ok, A3, bias, h, L2,
+                su_1, su_2, sd_1, sd_2, sB_n, sB_1, sB_2,
+                TWO_LEVEL, SHARED_BC, REVERSE, HAS_BIAS, SOFTPLUS, BLOCK_T, COMPUTE)
+            C3 = _load_bc(C_ptr, C_base, t, row_ok, t_ok, n_ok, offs_n, L2, sC_n, sC_1, sC_2,
+                          TWO_LEVEL, SHARED_BC, COMPUTE)
+            y = tl.sum(C3 * hs, axis=1)
+            if HAS_D:
+                y = y + Dv[:, None] * uu
+            mask2 = row_ok[:, None] & t_ok[None, :]
+            if HAS_Z:
+                tz = _seq_offsets(t, L2, sz_1, sz_2, TWO_LEVEL)
+                zz = tl.load(z_ptr + row_z[:, None] + tz[None, :], mask=mask2, other=0.0).to(COMPUTE)
+                y = y * (zz * tl.sigmoid(zz))
+            tl.store(out_ptr + rows[:, None] * L + t[None, :], y, mask=mask2)
+            h = tl.sum(tl.where(last_pos[None, None, :], hs, 0.0), axis=2)
+        tl.store(last_ptr + rows[:, None] * N + offs_n[None, :], h, mask=rn_mask)
+
+    @triton.jit
+    def _scan_bwd_kernel(
+        dout_ptr, dlast_ptr, u_ptr, dl_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, saved_ptr,
+        du_ptr, ddl_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr,
+        n_rows, dim, dim_per_group, G, L, L2, N, n_blocks,
+        sg_b, sg_d, sg_1, sg_2,
+        su_b, su_d, su_1, su_2,
+        sd_b, sd_d, sd_1, sd_2,
+        sz_b, sz_d, sz_1, sz_2,
+        sB_b, sB_g, sB_n, sB_1, sB_2,
+        sC_b, sC_g, sC_n, sC_1, sC_2,
+        BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+        SHARED_BC: tl.constexpr, BC_PARTIALS: tl.constexpr, BC_ATOMIC: tl.constexpr,
+        TWO_LEVEL: tl.constexpr, REVERSE: tl.constexpr,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DLAST: tl.constexpr,
+        SOFTPLUS: tl.constexpr, COMPUTE: tl.constexpr,
+    ):
+        pid = tl.program_id(0).to(tl.int64)
+        rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)
+        row_ok = rows < n_rows
+        bidx = rows // dim
+        didx = rows - bidx * dim
+        gidx = didx // dim_per_group
+        offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+        n_ok = offs_n < N
+        rn_mask = row_ok[:, None] & n_ok[None, :]
+        A2 = tl.load(A_ptr + didx[:, None] * N + offs_n[None, :], mask=rn_mask, other=0.0).to(COMPUTE)
+        A3 = A2[:, :, None]
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + didx, mask=row_ok, other=0.0).to(COMPUTE)
+        else:
+            bias = tl.zeros((BLOCK_ROWS,), dtype=COMPUTE)
+        if HAS_D:
+            Dv = tl.load(D_ptr + didx, mask=row_ok, other=0.0).to(COMPUTE)
+        if HAS_DLAST:
+            carry = tl.load(dlast_ptr + rows[:, None] * N + offs_n[None, :], mask=rn_mask, other=0.0).to(COMPUTE)
+        else:
+            carry = tl.zeros((BLOCK_ROWS, BLOCK_N), dtype=COMPUTE)
+        row_g = bidx * sg_b + didx * sg_d
+        row_u = bidx * su_b + didx * su_d
+        row_dl = bidx * sd_b + didx * sd_d
+        row_z = bidx * sz_b + didx * sz_d
+        if SHARED_BC:
+            row0 = pid * BLOCK_ROWS
+            b0 = row0 // dim
+            g0 = (row0 - b0 * dim) // dim_per_group
+            B_base = b0 * sB_b + g0 * sB_g
+            C_base = b0 * sC_b + g0 * sC_g
+            if BC_PARTIALS:
+                slot = pid  # tiles never straddle a (batch, group): tile index = partial slot
+            else:
+                slot = b0 * G + g0
+        else:
+            B_base = bidx * sB_b + gidx * sB_g
+            C_base = bidx * sC_b + gidx * sC_g
+            slot = bidx * G + gidx
+        dA_acc = tl.zeros((BLOCK_ROWS, BLOCK_N), dtype=COMPUTE)
+        dD_acc = tl.zeros((BLOCK_ROWS,), dtype=COMPUTE)
+        dbias_acc = tl.zeros((BLOCK_ROWS,), dtype=COMPUTE)
+        ones = tl.full((BLOCK_ROWS, BLOCK_N, BLOCK_T), 1.0, COMPUTE)
+        pos = tl.arange(0, BLOCK_T)
+        if REVERSE:
+            grad_in_pos = pos == 0            # scan-order last step of a block
+            grad_out_pos = pos == BLOCK_T - 1  # scan-order first step of a block
+        else:
+            grad_in_pos = pos == BLOCK_T - 1
+            grad_out_pos = pos == 0
+        for i in range(n_blocks):
+            if REVERSE:
+                c = i
+            else:
+                c = n_blocks - 1 - i
+            t = c.to(tl.int64) * BLOCK_T + pos.to(tl.int64)
+            t_ok = t < L
+            mask2 = row_ok[:, None] & t_ok[None, :]
+            h_in = tl.load(saved_ptr + (rows[:, None] * n_blocks + c) * N + offs_n[None, :],
+                           mask=rn_mask, other=0.0).to(COMPUTE)
+            uu, x, dt, a, bx, B3, hs = _block_states(
+                u_ptr, dl_ptr, B_ptr, row_u, row_dl, B_base, t, row_ok, t_ok, offs_n, n_ok, A3, bias, h_in, L2,
+                su_1, su_2, sd_1, sd_2, sB_n, sB_1, sB_2,
+                TWO_LEVEL, SHARED_BC, REVERSE, HAS_BIAS, SOFTPLUS, BLOCK_T, COMPUTE)
+            C3 = _load_bc(C_ptr, C_base, t, row_ok, t_ok, n_ok, offs_n, L2, sC_n, sC_1, sC_2,
+                          TWO_LEVEL, SHARED_BC, COMPUTE)
+            tg = _seq_offsets(t, L2, sg_1, sg_2, TWO_LEVEL)
+            gout = tl.load(dout_ptr + row_g[:, None] + tg[None, :], mask=mask2, other=0.0).to(COMPUTE)
+            out_off = rows[:, None] * L + t[None, :]
+            if HAS_Z:
+                y = tl.sum(C3 * hs, axis=1)
+                if HAS_D:
+                    y = y + Dv[:, None] * uu
+                tz = _seq_offsets(t, L2, sz_1, sz_2, TWO_LEVEL)
+                zz = tl.load(z_ptr + row_z[:, None] + tz[None, :], mask=mask2, other=0.0).to(COMPUTE)
+                sig_z = tl.sigmoid(zz)
+                gy = gout * zz * sig_z
+                dzz = gout * y * sig_z * (1.0 + zz * (1.0 - sig_z))
+                tl.store(dz_ptr + out_off, dzz, mask=mask2)
+            else:
+                gy = gout
+            # Adjoint of the state after each step, G_s, with the gradient from later blocks folded
+            # into the block's last step in scan order.
+            inject = gy[:, None, :] * C3 + tl.where(grad_in_pos[None, None, :], carry[:, :, None], 0.0)
+            _, _, Gs = tl.associative_scan((a, ones, inject), axis=2, combine_fn=_combine_adjoint,
+                                           reverse=not REVERSE)
+            dC = gy[:, None, :] * hs
+            dB = Gs * (dt * uu)[:, None, :]
+            GB = tl.sum(Gs * B3, axis=1)
+            decayed = Gs * (hs - bx)  # G_s * a_s * h_{s-1}: gradient w.r.t. log(a_s)
+            du = GB * dt
+            if HAS_D:
+                du = du + gy * Dv[:, None]
+                dD_acc += tl.sum(gy * uu, axis=1)
+            ddt = GB * uu + tl.sum(decayed * A3, axis=1)
+            dA_acc += tl.sum(decayed * dt[:, None, :], axis=2)
+            if SOFTPLUS:
+                ddt = ddt * tl.where(x > 20.0, 1.0, tl.sigmoid(x))
+            ddt = tl.where(mask2, ddt, 0.0)
+            dbias_acc += tl.sum(ddt, axis=1)
+            tl.store(du_ptr + out_off, du, mask=mask2)
+            tl.store(ddl_ptr + out_off, ddt, mask=mask2)
+            carry = tl.sum(tl.where(grad_out_pos[None, None, :], a * Gs, 0.0), axis=2)
+            if SHARED_BC:
+                dB2 = tl.sum(dB, axis=0)
+                dC2 = tl.sum(dC, axis=0)
+                bc_off = (slot * N + offs_n[:, None]) * L + t[None, :]
+                bc_mask = n_ok[:, None] & t_ok[None, :]
+                if BC_ATOMIC:
+                    tl.atomic_add(dB_ptr + bc_off, dB2, mask=bc_mask)
+                    tl.atomic_add(dC_ptr + bc_off, dC2, mask=bc_mask)
+                else:
+                    tl.store(dB_ptr + bc_off, dB2, mask=bc_mask)
+                    tl.store(dC_ptr + bc_off, dC2, mask=bc_mask)
+            else:
+                bc_off = (slot[:, None, None] * N + offs_n[None, :, None]) * L + t[None, None, :]
+                bc_mask = row_ok[:, None, None] & n_ok[None, :, None] & t_ok[None, None, :]
+                if BC_ATOMIC:
+                    tl.atomic_add(dB_ptr + bc_off, dB, mask=bc_mask)
+                    tl.atomic_add(dC_ptr + bc_off, dC, mask=bc_mask)
+                else:
+                    tl.store(dB_ptr + bc_off, dB, mask=bc_mask)
+                    tl.store(dC_ptr + bc_off, dC, mask=bc_mask)
+        tl.store(dh0_ptr + rows[:, None] * N + offs_n[None, :], carry, mask=rn_mask)
+        tl.store(dA_ptr + rows[:, None] * N + offs_n[None, :], dA_acc, mask=rn_mask)
+        tl.store(dD_ptr + rows, dD_acc, mask=row_ok)
+        tl.store(dbias_ptr + rows, dbias_acc, mask=row_ok)
+
+    # The interpreter is chosen when the kernels are decorated (import time of this module).
+    _INTERPRETED = type(_scan_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------------
+
+def unavailable_reason(device) -> Optional[str]:
+    """None when the Triton kernels can run on ``device`` in this process, else a one-line reason."""
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    device = torch.device(device)
+    if device.type == "cuda":
+        if _INTERPRETED:
+            return None  # the interpreter copies CUDA tensors to the host and back
+        if not torch.cuda.is_available():
+            return "CUDA is not available in this process (torch.cuda.is_available() is False)"
+        return None
+    if device.type == "cpu":
+        if _INTERPRETED:
+            return None
+        if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
+            return ("TRITON_INTERPRET=1 was set after vim2_kernels.selective_scan.triton_backend was "
+                    "imported; set it before importing to run the Triton kernels on CPU")
+        return "CUDA tensors required; set TRITON_INTERPRET=1 before importing vim2_kernels to run on CPU (slow)"
+    return f"the triton backend runs on CUDA (or CPU with TRITON_INTERPRET=1), not on {device.type!r} tensors"
+
+
+def _block_t(seqlen: int) -> int:
+    chunk = int(CHUNK_SIZE)
+    if chunk < 1 or chunk & (chunk - 1):
+        raise ValueError(f"triton_backend.CHUNK_SIZE must be a power of two, got {CHUNK_SIZE!r}")
+    return max(1, min(chunk, _next_power_of_2(max(int(seqlen), 1))))
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << (int(n) - 1).bit_length() if n > 1 else 1
+
+
+def saved_shape(batch: int, dim: int, seqlen: int, d_state: int) -> Tuple[int, ...]:
+    """Shape of ``saved``: the state entering every time block, (batch, dim, n_blocks, d_state)."""
+    block_t = _block_t(seqlen)
+    return (batch, dim, -(-int(seqlen) // block_t), d_state)
+
+
+def _seq_strides(x: torch.Tensor, lead: int, Ls: Sequence[int]) -> Tuple[int, int, bool]:
+    """(outer stride, inner stride, needs two levels) of the sequence axes starting at ``lead``."""
+    if len(Ls) == 1:
+        return 0, x.stride(lead), False
+    if len(Ls) != 2:
+        raise ValueError(f"triton backend: sequences must have 1 or 2 axes (Ls), got {tuple(Ls)}")
+    L1, L2 = Ls
+    s1, s2 = x.stride(lead), x.stride(lead + 1)
+    if L2 == 1:
+        s2 = s1
+    if L1 == 1:
+        s1 = L2 * s2
+    return s1, s2, s1 != L2 * s2
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def _pick_block_rows(n_rows: int, dim_per_group: int, block_n: int, block_t: int,
+                     device: torch.device, backward: bool) -> int:
+    if BLOCK_ROWS is not None:
+        block_rows = int(BLOCK_ROWS)
+        if block_rows < 1 or block_rows & (block_rows - 1):
+            raise ValueError(f"triton_backend.BLOCK_ROWS must be a power of two, got {BLOCK_ROWS!r}")
+        return block_rows
+    per_row = block_n * block_t
+    if _INTERPRETED:
+        # Interpreted programs run one after another with numpy ops over the whole tile: few, big tiles.
+        block_rows = max(1, 8192 // per_row)
+    else:
+        # Register budget for the (rows, N, T) tiles; backward keeps about twice as many alive.
+        block_rows = max(1, (1024 if backward else 2048) // per_row)
+        # Keep every SM busy with a few programs when rows are scarce.
+        while block_rows > 1 and -(-n_rows // block_rows) < 4 * _num_sms(device):
+            block_rows //= 2
+    block_rows = min(block_rows, _next_power_of_2(n_rows))
+    # Prefer tiles inside one (batch, group) so B/C are shared: shrink to a divisor of dim_per_group.
+    if dim_per_group % block_rows:
+        divisor = dim_per_group & -dim_per_group  # largest power of two dividing dim_per_group
+        if divisor * 4 >= block_rows:
+            block_rows = divisor
+    return block_rows
+
+
+def _num_warps(elements: int) -> int:
+    return max(1, min(8, elements // 256))
+
+
+def _compute_dtype(u: torch.Tensor):
+    if u.dtype == torch.float64:
+        return torch.float64, tl.float64
+    if u.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"triton backend: u must be float32/float16/bfloat16/float64, got {u.dtype}")
+    return torch.float32, tl.float32
+
+
+def _small(x: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return None if x is None else x.to(dtype).contiguous()
+
+
+class _Geometry:
+    """Shapes, strides and tiling shared by the forward and backward launches."""
+
+    def __init__(self, u, B, A, backward: bool):
+        self.batch, self.dim = u.shape[0], u.shape[1]
+        self.Ls = tuple(u.shape[2:])
+        if len(self.Ls) not in (1, 2):
+            raise ValueError(f"triton backend: u must be (batch, dim, L) or (batch, dim, L1, L2), got {tuple(u.shape)}")
+        self.L = math.prod(self.Ls)
+        self.L2 = self.Ls[-1]
+        self.G, self.N = B.shape[1], B.shape[2]
+        if A.shape != (self.dim, self.N):
+            raise ValueError(f"triton backend: A must be (dim, N) = {(self.dim, self.N)}, got {tuple(A.shape)}")
+        self.dim_per_group = self.dim // self.G
+        self.n_rows = self.batch * self.dim
+        self.block_t = _block_t(self.L)
+        self.n_blocks = -(-self.L // self.block_t)
+        self.block_n = _next_power_of_2(self.N)
+        self.block_rows = _pick_block_rows(self.n_rows, self.dim_per_group, self.block_n, self.block_t,
+                                           u.device, backward)
+        self.shared_bc = self.dim_per_group % self.block_rows == 0
+        self.n_tiles = -(-self.n_rows // self.block_rows)
+        self.num_warps = _num_warps(self.block_rows * self.block_n * self.block_t)
+        self.two_level = False
+
+    def seq(self, x: torch.Tensor, lead: int) -> Tuple[int, int]:
+        s1, s2, two = _seq_strides(x, lead, self.Ls)
+        self.two_level |= two
+        return s1, s2
+
+    def bc_strides(self, x: torch.Tensor) -> list:
+        s1, s2 = self.seq(x, 3)
+        return [x.stride(0), x.stride(1), x.stride(2), s1, s2]
+
+    def seq_strides(self, x: Optional[torch.Tensor]) -> list:
+        if x is None:
+            return [0, 0, 0, 0]
+        s1, s2 = self.seq(x, 2)
+        return [x.stride(0), x.stride(1), s1, s2]
+
+
+def _check_ready(u: torch.Tensor) -> None:
+    reason = unavailable_reason(u.device)
+    if reason is not None:
+        raise RuntimeError(f"triton selective-scan backend unavailable: {reason}")
+
+
+def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus: bool, reverse: bool):
+    """Selective scan forward.
+
+    u, delta, z: (batch, dim, *Ls) fp32/fp16/bf16/fp64, any strides; A: (dim, N);
+    B, C: (batch, G, N, *Ls), any strides; D, delta_bias: (dim,) or None; initial_state: (batch, dim, N)
+    or None. Returns out (batch, dim, *Ls) contiguous in u.dtype, last_state (batch, dim, N) float32
+    (float64 for float64 inputs), saved (batch, dim, n_blocks, N) in the same dtype as last_state.
+    """
+    _check_ready(u)
+    acc_dtype, tl_compute = _compute_dtype(u)
+    geo = _Geometry(u, B, A, backward=False)
+    batch, dim, N = geo.batch, geo.dim, geo.N
+    out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+    last_state = torch.empty((batch, dim, N), dtype=acc_dtype, device=u.device)
+    saved = torch.empty((batch, dim, geo.n_blocks, N), dtype=acc_dtype, device=u.device)
+    if geo.n_rows == 0 or geo.L == 0 or N == 0:
+        if initial_state is not None:
+            last_state.copy_(initial_state)
+        else:
+            last_state.zero_()
+        out.zero_()
+        return out, last_state, saved
+    A_c = _small(A, acc_dtype)
+    D_c = _small(D, acc_dtype)
+    bias_c = _small(delta_bias, acc_dtype)
+    h0 = _small(initial_state, acc_dtype)
+    strides = (geo.seq_strides(u) + geo.seq_strides(delta) + geo.seq_strides(z)
+               + geo.bc_strides(B) + geo.bc_strides(C))
+    _scan_fwd_kernel[(geo.n_tiles,)](
+        u, delta, z if z is not None else u, A_c, B, C,
+        D_c if D_c is not None else A_c, bias_c if bias_c is not None else A_c, h0 if h0 is not None else A_c,
+        out, last_state, saved,
+        geo.n_rows, dim, geo.dim_per_group, geo.L, geo.L2, N, geo.n_blocks,
+        *strides,
+        BLOCK_ROWS=geo.block_rows, BLOCK_N=geo.block_n, BLOCK_T=geo.block_t,
+        SHARED_BC=geo.shared_bc, TWO_LEVEL=geo.two_level, REVERSE=bool(reverse),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        HAS_H0=initial_state is not None, SOFTPLUS=bool(delta_softplus), COMPUTE=tl_compute,
+        num_warps=geo.num_warps,
+    )
+    return out, last_state, saved
+
+
+def _bc_reduction(geo: _Geometry) -> Tuple[bool, bool, int]:
+    """(partials, atomic, partial slots per (batch, group)) for the dB/dC reduction over channels."""
+    if geo.dim_per_group == 1:
+        return False, False, 1  # one row per (batch, group): plain stores
+    mode = BC_GRAD_REDUCTION
+    if mode not in ("auto", "partials", "atomic"):
+        raise ValueError(f"triton_backend.BC_GRAD_REDUCTION must be 'auto', 'partials' or 'atomic', got {mode!r}")
+    if not geo.shared_bc:
+        return False, True, 1  # tiles straddle groups: only atomics can combine them
+    slots = geo.dim_per_group // geo.block_rows
+    if mode == "partials" or (mode == "auto" and (
+            slots <= MAX_PARTIAL_SLOTS or torch.are_deterministic_algorithms_enabled())):
+        return True, False, slots
+    return False, True, 1
+
+
+def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, saved,
+                  delta_softplus: bool, reverse: bool):
+    """Gradients of scan_forward.
+
+    dout: (batch, dim, *Ls) any strides; dlast_state: (batch, dim, N) or None; saved: scan_forward's.
+    Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state) shaped like the inputs;
+    du/ddelta/dz in u.dtype, dB/dC in B/C's dtype, the rest float32 (float64 for float64 inputs);
+    None for inputs that were None.
+    """
+    _check_ready(u)
+    acc_dtype, tl_compute = _compute_dtype(u)
+    geo = _Geometry(u, B, A, backward=True)
+    batch, dim, N, G, L = geo.batch, geo.dim, geo.N, geo.G, geo.L
+    expected = saved_shape(batch, dim, L, N)
+    if tuple(saved.shape) != expected:
+        raise ValueError(f"triton backend: saved must have shape {expected} (from scan_forward with the same "
+                         f"CHUNK_SIZE), got {tuple(saved.shape)}")
+    device = u.device
+    du = torch.empty(u.shape, dtype=u.dtype, device=device)
+    ddelta = torch.empty(u.shape, dtype=u.dtype, device=device)
+    dz = torch.empty(u.shape, dtype=u.dtype, device=device) if z is not None else None
+    dA_rows = torch.zeros((batch, dim, N), dtype=acc_dtype, device=device)
+    dD_rows = torch.zeros((batch, dim), dtype=acc_dtype, device=device)
+    dbias_rows = torch.zeros((batch, dim), dtype=acc_dtype, device=device)
+    dh0 = torch.zeros((batch, dim, N), dtype=acc_dtype, device=device)
+    partials, atomic, slots = _bc_reduction(geo)
+    bc_shape = (batch, G, slots, N, L)
+    bc_alloc = torch.zeros if atomic else torch.empty
+    dB_buf = bc_alloc(bc_shape, dtype=acc_dtype, device=device)
+    dC_buf = bc_alloc(bc_shape, dtype=acc_dtype, device=device)
+    if geo.n_rows and L and N:
+        A_c = _small(A, acc_dtype)
+        D_c = _small(D, acc_dtype)
+        bias_c = _small(delta_bias, acc_dtype)
+        dlast = _small(dlast_state, acc_dtype)
+        saved_c = saved.to(acc_dtype).contiguous()
+        strides = (geo.seq_strides(dout) + geo.seq_strides(u) + geo.seq_strides(delta) + geo.seq_strides(z)
+                   + geo.bc_strides(B) + geo.bc_strides(C))
+        _scan_bwd_kernel[(geo.n_tiles,)](
+            dout, dlast if dlast is not None else A_c, u, delta, z if z is not None else u, A_c, B, C,
+            D_c if D_c is not None else A_c, bias_c if bias_c is not None else A_c, saved_c,
+            du, ddelta, dz if dz is not None else du, dB_buf, dC_buf, dA_rows, dD_rows, dbias_rows, dh0,
+            geo.n_rows, dim, geo.dim_per_group, G, L, geo.L2, N, geo.n_blocks,
+            *strides,
+            BLOCK_ROWS=geo.block_rows, BLOCK_N=geo.block_n, BLOCK_T=geo.block_t,
+            SHARED_BC=geo.shared_bc, BC_PARTIALS=partials, BC_ATOMIC=atomic,
+            TWO_LEVEL=geo.two_level, REVERSE=bool(reverse),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+            HAS_DLAST=dlast_state is not None, SOFTPLUS=bool(delta_softplus), COMPUTE=tl_compute,
+            num_warps=_num_warps(2 * geo.block_rows * geo.block_n * geo.block_t),
+        )
+    else:
+        du.zero_()
+        ddelta.zero_()
+        if dz is not None:
+            dz.zero_()
+        if dlast_state is not None:
+            dh0.copy_(dlast_state)
+        dB_buf.zero_()
+        dC_buf.zero_()
+    dB = dB_buf.sum(2) if slots > 1 else dB_buf.squeeze(2)
+    dC = dC_buf.sum(2) if slots > 1 else dC_buf.squeeze(2)
+    bc_full = (batch, G, N) + geo.Ls
+    dB = dB.reshape(bc_full).to(B.dtype)
+    dC = dC.reshape(bc_full).to(C.dtype)
+    dA = dA_rows.sum(0)
+    dD = dD_rows.sum(0) if D is not None else None
+    ddelta_bias = dbias_rows.sum(0) if delta_bias is not None else None
+    dinitial_state = dh0 if initial_state is not None else None
+    return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state
