@@ -415,7 +415,13 @@ def verify_pretrained_source(variant: str, **build_kwargs: Any) -> str:
 
 
 @contextlib.contextmanager
-def pretrained_errors_explained(variant: str, pretrained: bool, **build_kwargs: Any) -> Iterator[None]:
+def pretrained_errors_explained(
+    variant: str,
+    pretrained: bool,
+    pretrained_cfg: Optional[Any] = None,
+    pretrained_cfg_overlay: Optional[Mapping[str, Any]] = None,
+    **build_kwargs: Any,
+) -> Iterator[None]:
     """Verify checksums, then re-raise weight-loading failures as a :class:`PretrainedWeightsError`.
 
     Wrap it around ``build_model_with_cfg`` in a model factory, passing the factory's kwargs so
@@ -424,6 +430,9 @@ def pretrained_errors_explained(variant: str, pretrained: bool, **build_kwargs: 
         with pretrained_errors_explained(variant, pretrained, **kwargs):
             model = build_model_with_cfg(Vim2, variant, pretrained, **kwargs)
 
+    (equivalently ``pretrained_errors_explained(variant, pretrained, kwargs.get('pretrained_cfg'),
+    kwargs.get('pretrained_cfg_overlay'), cache_dir=kwargs.get('cache_dir'))``).
+
     Translated: no source configured, offline / HTTP / hub errors, missing file, checksum mismatch,
     corrupted file, key or shape mismatch. Errors while constructing the model pass through
     unchanged. With ``pretrained=False`` it does nothing.
@@ -431,13 +440,16 @@ def pretrained_errors_explained(variant: str, pretrained: bool, **build_kwargs: 
     Args:
         variant: registered model name (``vim2_tiny``...).
         pretrained: the factory's ``pretrained`` flag.
-        **build_kwargs: optional, the factory kwargs; ``pretrained_cfg``, ``pretrained_cfg_overlay``
-            and ``cache_dir`` are read (others ignored). Without them no checksum is verified
-            beforehand, but failures are still explained.
+        pretrained_cfg: the factory's ``pretrained_cfg`` kwarg (tag, dict or None).
+        pretrained_cfg_overlay: the factory's ``pretrained_cfg_overlay`` kwarg.
+        **build_kwargs: the other factory kwargs; ``cache_dir`` is read (where timm caches URL
+            downloads), the rest ignored. Without the cfg arguments, checksums of overlay/local-dir
+            sources cannot be verified beforehand, but failures are still explained.
     """
     if not pretrained:
         yield
         return
+    build_kwargs = dict(build_kwargs, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay)
     tried = None
     try:
         tried = verify_pretrained_source(variant, **build_kwargs)
