@@ -1,0 +1,167 @@
+"""Selective Token Mixer of ViM2 (paper Eq. 6-11, Fig. 8): a VMamba-style 2-D selective scan.
+
+Data flow for a channels-last map ``x`` of shape (B, H, W, C), with ``d_inner = ssm_expand * C``::
+
+    x, z   = in_proj(x).chunk(2)                    # (B, H, W, d_inner) each
+    x      = SiLU(depth-wise 3x3 Conv2d(x))         # on the 2-D map, not a flattened sequence
+    dt, Bs, Cs = x_proj[k](x) for each route k      # per-token maps, all routes in one matmul
+    delta  = dt_proj[k](dt)                         # (B, H, W, K, d_inner)
+    y      = cross_scan_2d(x, delta, A, Bs, Cs, D)  # sum over the K routes, natural (h, w) positions
+    out    = out_proj(LayerNorm(y) * SiLU(z))       # (B, H, W, C)
+
+Every route has its own Δ/B/C projections, Δ bias, A_log and D. Because Δ, B and C are per-token
+linear maps of the activated branch, they are computed once for all routes in the natural (h, w)
+layout and the kernel walks the routes as strided views (no permuted copies here).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import vim2_kernels
+
+__all__ = ['SelectiveTokenMixer', 'resolve_dt_rank', 'init_dt_bias', 'init_a_log']
+
+
+def resolve_dt_rank(dt_rank: Union[int, str], dim: int) -> int:
+    """'auto' -> ceil(dim / 16) (Mamba/VMamba default); a positive int is used as given."""
+    if dt_rank == 'auto':
+        return math.ceil(dim / 16)
+    if isinstance(dt_rank, bool) or not isinstance(dt_rank, int) or dt_rank < 1:
+        raise ValueError(f"dt_rank must be 'auto' or a positive int, got {dt_rank!r}")
+    return dt_rank
+
+
+def init_dt_bias(
+        shape: Sequence[int],
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        dt_floor: float = 1e-4,
+        device=None,
+) -> torch.Tensor:
+    """Δ bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max] (Mamba init), float32."""
+    dt = torch.exp(
+        torch.rand(shape, device=device, dtype=torch.float32) * (math.log(dt_max) - math.log(dt_min))
+        + math.log(dt_min)
+    ).clamp(min=dt_floor)
+    # inverse of softplus: x = dt + log(1 - exp(-dt))
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+def init_a_log(leading_shape: Sequence[int], d_state: int, device=None) -> torch.Tensor:
+    """S4D-real init: A_log[..., n] = log(n + 1), so A = -exp(A_log) = -(1..N). float32."""
+    a = torch.arange(1, d_state + 1, dtype=torch.float32, device=device)
+    return torch.log(a).expand(*leading_shape, d_state).clone()
+
+
+class SelectiveTokenMixer(nn.Module):
+    """Selective Token Mixer: 2-D multi-route selective scan over the spatial tokens of a map.
+
+    Args:
+        dim: input/output channels C.
+        d_state: SSM state size N.
+        ssm_expand: inner width d_inner = ssm_expand * C.
+        dt_rank: rank of the Δ projection ('auto' = ceil(C / 16)).
+        d_conv: depth-wise conv kernel size (3 = 3x3).
+        routes: scan routes handed to ``vim2_kernels.cross_scan_2d`` ('row', 'col', 'row_rev', 'col_rev').
+        scan_backend: kernel backend (None = automatic choice of vim2_kernels).
+
+    Input/output: (B, H, W, C) channels-last tensor (any float dtype; autocast supported).
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            d_state: int = 16,
+            ssm_expand: float = 2.0,
+            dt_rank: Union[int, str] = 'auto',
+            d_conv: int = 3,
+            routes: Sequence[str] = vim2_kernels.ROUTES,
+            scan_backend: Optional[str] = None,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        routes = tuple(routes)
+        unknown = [r for r in routes if r not in vim2_kernels.ROUTES]
+        if not routes or unknown:
+            raise ValueError(f'scan_routes must be a non-empty sequence of {vim2_kernels.ROUTES}, got {routes}')
+        if d_state < 1:
+            raise ValueError(f'd_state must be a positive int, got {d_state}')
+        d_inner = int(ssm_expand * dim)
+        if d_inner < 1:
+            raise ValueError(f'ssm_expand * dim must be >= 1, got ssm_expand={ssm_expand}, dim={dim}')
+        self.dim = dim
+        self.d_inner = d_inner
+        self.d_state = d_state
+        self.dt_rank = resolve_dt_rank(dt_rank, dim)
+        self.routes = routes
+        self.scan_backend = scan_backend
+        num_routes = len(routes)
+
+        self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False, **dd)
+        self.conv = nn.Conv2d(d_inner, d_inner, d_conv, padding=d_conv // 2, groups=d_inner, bias=True, **dd)
+        # Per-route projections stored stacked: route k uses x_proj_weight[k] / dt_proj_weight[k].
+        proj_out = self.dt_rank + 2 * d_state
+        self.x_proj_weight = nn.Parameter(torch.empty(num_routes, proj_out, d_inner, **dd))
+        self.dt_proj_weight = nn.Parameter(torch.empty(num_routes, d_inner, self.dt_rank, **dd))
+        # Float32 parameters of the scan (the kernel takes A, D and the Δ bias in float32).
+        self.dt_proj_bias = nn.Parameter(torch.empty(num_routes, d_inner, device=device, dtype=torch.float32))
+        self.A_log = nn.Parameter(torch.empty(num_routes, d_inner, d_state, device=device, dtype=torch.float32))
+        self.D = nn.Parameter(torch.empty(num_routes, d_inner, device=device, dtype=torch.float32))
+        self.out_norm = nn.LayerNorm(d_inner, **dd)
+        self.out_proj = nn.Linear(d_inner, dim, bias=False, **dd)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self):
+        """Mamba/VMamba init of the scan parameters (the Linear layers are set by the model's init)."""
+        # x_proj: default nn.Linear init (kaiming-uniform, bound 1/sqrt(fan_in)), as in VMamba.
+        bound = self.d_inner ** -0.5
+        nn.init.uniform_(self.x_proj_weight, -bound, bound)
+        dt_std = self.dt_rank ** -0.5
+        nn.init.uniform_(self.dt_proj_weight, -dt_std, dt_std)
+        self.dt_proj_bias.copy_(init_dt_bias(self.dt_proj_bias.shape, device=self.dt_proj_bias.device))
+        self.A_log.copy_(init_a_log(self.A_log.shape[:2], self.d_state, device=self.A_log.device))
+        self.D.fill_(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, W, C) -> (B, H, W, C)."""
+        batch, height, width, _ = x.shape
+        num_routes = len(self.routes)
+        x, z = self.in_proj(x).chunk(2, dim=-1)
+        # The NCHW view of a NHWC tensor is channels-last; the conv keeps that layout, so the
+        # permute back is (close to) free.
+        x = self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = F.silu(x)
+
+        # All routes' Δ/B/C projections in one matmul: (B, H, W, d_inner) -> (B, H, W, K, R + 2N).
+        x_dbl = F.linear(x, self.x_proj_weight.reshape(-1, self.d_inner))
+        x_dbl = x_dbl.view(batch, height, width, num_routes, -1)
+        dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = torch.einsum('bhwkr,kdr->bhwkd', dts, self.dt_proj_weight)
+
+        u = x
+        y = vim2_kernels.cross_scan_2d(
+            u,
+            delta.to(u.dtype),
+            -torch.exp(self.A_log.float()),
+            Bs,
+            Cs,
+            D=self.D.float(),
+            delta_bias=self.dt_proj_bias.float(),
+            delta_softplus=True,
+            routes=self.routes,
+            backend=self.scan_backend,
+        )
+        y = self.out_norm(y) * F.silu(z)
+        return self.out_proj(y)
+
+    def extra_repr(self) -> str:
+        return (f'dim={self.dim}, d_inner={self.d_inner}, d_state={self.d_state}, dt_rank={self.dt_rank}, '
+                f'routes={self.routes}, scan_backend={self.scan_backend}')
