@@ -1,0 +1,52 @@
+# Mask R-CNN + FPN with a ViM2-T backbone, 1x schedule (12 epochs), COCO 2017 instances.
+#
+# Paper (arXiv 2403.19888, Mask R-CNN 1x, AdamW lr 1e-4): box AP 47.1, mask AP 42.4, 39M params.
+# Not reproduced here (no ViM2 ImageNet weights are published yet).
+#
+# Batch 16 = 8 GPUs x 2 images (mmdet's default 8xb2). On fewer GPUs keep the total at 16
+# (e.g. 2 GPUs: --cfg-options train_dataloader.batch_size=8) or pass --auto-scale-lr.
+#
+# Everything not set here comes from mmdet's own Swin-T config (which itself inherits
+# mmdet::_base_/{models/mask-rcnn_r50_fpn, datasets/coco_instance, schedules/schedule_1x,
+# default_runtime}): data in data/coco/, single-scale 1333x800 training with random flip,
+# LinearLR warm-up for 1000 iterations, steps at epochs 8 and 11.
+_base_ = ['mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py']
+
+custom_imports = dict(imports=['vim2.mm'], allow_failed_imports=False)
+
+# ImageNet-1k ViM2-T weights (no published ones): a timm-format file written by `vim2-export`
+# (tools/export_weights.py), a .pth classifier checkpoint, or an mm checkpoint; path or URL.
+# Override with --cfg-options model.backbone.init_cfg.checkpoint=/path/to/model.safetensors,
+# or train from scratch with --cfg-options model.backbone.init_cfg=None.
+checkpoint_file = 'checkpoints/vim2_tiny/model.safetensors'
+
+model = dict(
+    backbone=dict(
+        _delete_=True,
+        type='ViM2',
+        arch='tiny',
+        out_indices=(0, 1, 2, 3),
+        drop_path_rate=0.2,  # paper silent; the ImageNet value for ViM2-T (Swin-T uses 0.2 too)
+        frozen_stages=-1,
+        norm_eval=False,
+        with_cp=False,
+        init_cfg=dict(type='Pretrained', checkpoint=checkpoint_file)),
+    neck=dict(in_channels=[96, 192, 384, 768]))
+
+# AdamW lr 1e-4, weight decay 0.05 (paper). No weight decay on norms, biases, 1-D parameters and
+# the selective-scan parameters A_log / D (as in Mamba/VMamba).
+optim_wrapper = dict(
+    type='OptimWrapper',
+    optimizer=dict(type='AdamW', lr=0.0001, betas=(0.9, 0.999), weight_decay=0.05),
+    paramwise_cfg=dict(
+        _delete_=True,
+        norm_decay_mult=0.,
+        bias_decay_mult=0.,
+        flat_decay_mult=0.,
+        custom_keys={
+            'A_log': dict(decay_mult=0.),
+            '.D': dict(decay_mult=0.),
+        }))
+
+train_dataloader = dict(batch_size=2)  # x 8 GPUs = 16
+auto_scale_lr = dict(enable=False, base_batch_size=16)

@@ -1,0 +1,52 @@
+# UperNet (+ auxiliary FCN head) with a ViM2-T backbone, ADE20K, 512x512 crops, 160k iterations.
+#
+# Paper (arXiv 2403.19888, UperNet, 512x512, AdamW lr 6e-5, batch 16): mIoU 48.6 single-scale,
+# 49.9 multi-scale (51M params). Not reproduced here (no ViM2 ImageNet weights are published yet).
+#
+# Batch 16 = 8 GPUs x 2 images. Everything not set here comes from mmseg's own Swin-T UperNet
+# config (which inherits mmseg::_base_/{models/upernet_swin, datasets/ade20k, default_runtime,
+# schedules/schedule_160k}): data in data/ade/ADEChallengeData2016, random resize 0.5-2.0 + crop
+# + flip + photometric distortion, 1500-iteration linear warm-up then poly decay, SyncBN heads.
+# Multi-scale test (the paper's second number): tools/test.py ... --tta (ratios 0.5-1.75 + flip).
+_base_ = ['mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py']
+
+custom_imports = dict(imports=['vim2.mm'], allow_failed_imports=False)
+
+# ImageNet-1k ViM2-T weights (no published ones): a timm-format file written by `vim2-export`
+# (tools/export_weights.py), a .pth classifier checkpoint, or an mm checkpoint; path or URL.
+# Override with --cfg-options model.backbone.init_cfg.checkpoint=/path/to/model.safetensors,
+# or train from scratch with --cfg-options model.backbone.init_cfg=None.
+checkpoint_file = 'checkpoints/vim2_tiny/model.safetensors'
+
+model = dict(
+    backbone=dict(
+        _delete_=True,
+        type='ViM2',
+        arch='tiny',
+        out_indices=(0, 1, 2, 3),
+        drop_path_rate=0.2,  # paper silent; the ImageNet value for ViM2-T
+        frozen_stages=-1,
+        norm_eval=False,
+        with_cp=False,
+        init_cfg=dict(type='Pretrained', checkpoint=checkpoint_file)),
+    decode_head=dict(in_channels=[96, 192, 384, 768], num_classes=150),
+    auxiliary_head=dict(in_channels=384, num_classes=150))
+
+# AdamW lr 6e-5 (paper). Weight decay 0.01 and betas as in the Swin/VMamba UperNet recipes (the
+# paper gives none); no decay on norms, biases, 1-D and scan parameters.
+optim_wrapper = dict(
+    _delete_=True,
+    type='OptimWrapper',
+    optimizer=dict(type='AdamW', lr=0.00006, betas=(0.9, 0.999), weight_decay=0.01),
+    paramwise_cfg=dict(
+        norm_decay_mult=0.,
+        bias_decay_mult=0.,
+        flat_decay_mult=0.,
+        custom_keys={
+            'A_log': dict(decay_mult=0.),
+            '.D': dict(decay_mult=0.),
+        }))
+
+train_dataloader = dict(batch_size=2)  # x 8 GPUs = 16
+val_dataloader = dict(batch_size=1)
+test_dataloader = val_dataloader
