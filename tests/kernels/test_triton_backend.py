@@ -1,0 +1,269 @@
+"""Triton selective-scan backend under TRITON_INTERPRET=1 (CPU), tiny shapes, against the float64 reference.
+
+The interpreter must be chosen before triton (and the backend module) is imported, hence the environment
+variable at the top of this module. Each case runs scan_forward/scan_backward of the backend directly and
+compares out, last_state and every gradient with autograd through ``selective_scan_reference`` in float64.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton", reason="triton is not installed (the backend is optional)")
+
+from vim2_kernels.selective_scan import triton_backend as tb  # noqa: E402
+from vim2_kernels.selective_scan.reference import selective_scan_reference  # noqa: E402
+
+if tb.unavailable_reason(torch.device("cpu")) is not None:
+    pytest.skip(f"triton backend cannot run on CPU here: {tb.unavailable_reason(torch.device('cpu'))}",
+                allow_module_level=True)
+
+GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+DEFAULTS = dict(batch=2, dim=4, groups=1, N=4, Ls=(7,), D=False, z=False, bias=False, softplus=False,
+                reverse=False, h0=False, dlast=False, layout="contiguous", dtype=torch.float32,
+                bc_dtype=None, chunk=8, block_rows=None, bc="auto", delta_scale=0.5, delta_shift=0.0,
+                A_scale=1.0)
+
+
+@pytest.fixture
+def settings(monkeypatch):
+    """Lets a case shrink the time block / force the tiling; restored after the test."""
+    def apply(chunk, block_rows, bc):
+        monkeypatch.setattr(tb, "CHUNK_SIZE", chunk)
+        monkeypatch.setattr(tb, "BLOCK_ROWS", block_rows)
+        monkeypatch.setattr(tb, "BC_GRAD_REDUCTION", bc)
+    return apply
+
+
+def _seq_tensor(gen, batch, dim, Ls, layout):
+    """(batch, dim, *Ls) float64 leaf laid out as requested (strides kept by .detach())."""
+    if layout == "contiguous":
+        x = torch.randn(batch, dim, *Ls, generator=gen, dtype=torch.float64)
+    elif layout == "token_major":  # storage (batch, L, dim): stride(1) == 1
+        x = torch.randn(batch, *Ls, dim, generator=gen, dtype=torch.float64).movedim(-1, 1)
+    elif layout == "col_major_2d":  # NHWC map walked column-major: Ls = (W, H) over storage (batch, H, W, dim)
+        W, H = Ls
+        x = torch.randn(batch, H, W, dim, generator=gen, dtype=torch.float64).permute(0, 3, 2, 1)
+    else:
+        raise AssertionError(layout)
+    return x
+
+
+def _bc_tensor(gen, batch, groups, N, Ls, layout):
+    if layout == "contiguous":
+        x = torch.randn(batch, groups, N, *Ls, generator=gen, dtype=torch.float64)
+    elif layout == "token_major":  # storage (batch, L, G, N)
+        x = torch.randn(batch, *Ls, groups, N, generator=gen, dtype=torch.float64).permute(0, 2, 3, 1)
+    else:  # storage (batch, H, W, G, N) -> (batch, G, N, W, H)
+        W, H = Ls
+        x = torch.randn(batch, H, W, groups, N, generator=gen, dtype=torch.float64).permute(0, 3, 4, 2, 1)
+    return x
+
+
+def make_case(seed=0, **overrides):
+    cfg = dict(DEFAULTS, **overrides)
+    gen = torch.Generator().manual_seed(seed)
+    batch, dim, groups, N, Ls, layout = (cfg[k] for k in ("batch", "dim", "groups", "N", "Ls", "layout"))
+    inputs = dict(
+        u=_seq_tensor(gen, batch, dim, Ls, layout),
+        delta=_seq_tensor(gen, batch, dim, Ls, layout) * cfg["delta_scale"] + cfg["delta_shift"],
+        A=-(torch.rand(dim, N, generator=gen, dtype=torch.float64) + 0.2) * cfg["A_scale"],
+        B=_bc_tensor(gen, batch, groups, N, Ls, layout),
+        C=_bc_tensor(gen, batch, groups, N, Ls, layout),
+        D=torch.randn(dim, generator=gen, dtype=torch.float64) if cfg["D"] else None,
+        z=_seq_tensor(gen, batch, dim, Ls, layout) if cfg["z"] else None,
+        delta_bias=0.3 * torch.randn(dim, generator=gen, dtype=torch.float64) if cfg["bias"] else None,
+        initial_state=torch.randn(batch, dim, N, generator=gen, dtype=torch.float64) if cfg["h0"] else None,
+    )
+    # Round the data to the tested dtype first, so the float64 oracle sees exactly the backend's inputs.
+    # (.to keeps the strides of dense permuted views.)
+    dtype, bc_dtype = cfg["dtype"], cfg["bc_dtype"] or cfg["dtype"]
+    for name in ("u", "delta", "z"):
+        if inputs[name] is not None:
+            inputs[name] = inputs[name].to(dtype).to(torch.float64)
+    for name in ("B", "C"):
+        inputs[name] = inputs[name].to(bc_dtype).to(torch.float64)
+    dout = _seq_tensor(gen, batch, dim, Ls, layout).to(dtype)
+    dlast = torch.randn(batch, dim, N, generator=gen) if cfg["dlast"] else None
+    return cfg, inputs, dout, dlast
+
+
+def backend_inputs(cfg, inputs):
+    param = torch.float64 if cfg["dtype"] == torch.float64 else torch.float32
+    cast = dict(u=cfg["dtype"], delta=cfg["dtype"], z=cfg["dtype"], B=cfg["bc_dtype"] or cfg["dtype"],
+                C=cfg["bc_dtype"] or cfg["dtype"], A=param, D=param, delta_bias=param, initial_state=param)
+    return {k: (None if v is None else v.to(cast[k])) for k, v in inputs.items()}
+
+
+def run_backend(cfg, inputs, dout, dlast):
+    x = backend_inputs(cfg, inputs)
+    if cfg["layout"] == "token_major":
+        assert x["u"].stride(1) == 1 and x["B"].stride(2) == 1, "test bug: layout lost"
+    if cfg["layout"] == "col_major_2d":
+        assert not x["u"].is_contiguous(), "test bug: layout lost"
+    out, last, saved = tb.scan_forward(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
+                                       x["delta_bias"], x["initial_state"], cfg["softplus"], cfg["reverse"])
+    L = out[0, 0].numel()
+    assert tuple(saved.shape) == tb.saved_shape(cfg["batch"], cfg["dim"], L, cfg["N"])
+    grads = tb.scan_backward(dout, dlast, x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
+                             x["delta_bias"], x["initial_state"], saved, cfg["softplus"], cfg["reverse"])
+    du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = grads
+    named = dict(u=du, delta=ddelta, A=dA, B=dB, C=dC, D=dD, z=dz, delta_bias=dbias, initial_state=dh0)
+    return x, out, last, named
+
+
+def run_reference(cfg, inputs, dout, dlast):
+    leaves = {k: (None if v is None else v.detach().clone().requires_grad_()) for k, v in inputs.items()}
+    out, last = selective_scan_reference(
+        leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], D=leaves["D"], z=leaves["z"],
+        delta_bias=leaves["delta_bias"], delta_softplus=cfg["softplus"], initial_state=leaves["initial_state"],
+        reverse=cfg["reverse"], return_last_state=True)
+    loss = (out * dout.double()).sum()
+    if dlast is not None:
+        loss = loss + (last * dlast.double()).sum()
+    present = [k for k in GRAD_NAMES if leaves[k] is not None]
+    grads = torch.autograd.grad(loss, [leaves[k] for k in present])
+    return out.detach(), last.detach(), dict(zip(present, grads))
+
+
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
+
+
+def assert_close(name, actual, expected, dtype):
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    tol = TOLERANCE[dtype]
+    scale = max(1.0, expected.abs().max().item())
+    err = (actual.double() - expected).abs().max().item() if actual.numel() else 0.0
+    assert err <= tol * scale, f"{name}: max abs error {err:.3e} > {tol:.0e} * {scale:.3g}"
+
+
+def check_case(settings, seed=0, **overrides):
+    cfg, inputs, dout, dlast = make_case(seed, **overrides)
+    settings(cfg["chunk"], cfg["block_rows"], cfg["bc"])
+    x, out, last, grads = run_backend(cfg, inputs, dout, dlast)
+    ref_out, ref_last, ref_grads = run_reference(cfg, inputs, dout, dlast)
+    dtype = cfg["dtype"]
+    param = torch.float64 if dtype == torch.float64 else torch.float32
+    assert out.dtype == dtype and out.is_contiguous() and out.shape == x["u"].shape
+    assert last.dtype == param and last.shape == (cfg["batch"], cfg["dim"], cfg["N"])
+    assert_close("out", out, ref_out, dtype)
+    assert_close("last_state", last, ref_last, dtype)
+    for name in GRAD_NAMES:
+        if inputs[name] is None:
+            assert grads[name] is None, f"d{name} must be None when {name} is None"
+            continue
+        grad = grads[name]
+        want_dtype = x[name].dtype if name in ("u", "delta", "z", "B", "C") else param
+        assert grad.dtype == want_dtype, f"d{name}: dtype {grad.dtype} != {want_dtype}"
+        assert torch.isfinite(grad).all(), f"d{name} has non-finite values"
+        assert_close(f"d{name}", grad, ref_grads[name], dtype)
+    return cfg, out, grads
+
+
+ALL = dict(D=True, z=True, bias=True, softplus=True, h0=True, dlast=True)
+
+SWEEP = {
+    "L1_N1_plain": dict(Ls=(1,), N=1),
+    "L2_N4_D_z": dict(Ls=(2,), D=True, z=True),
+    "L7_bias_softplus_reverse": dict(Ls=(7,), bias=True, softplus=True, reverse=True),
+    "L7_N1_groups_h0_dlast": dict(Ls=(7,), N=1, groups=2, h0=True, dlast=True),
+    "L65_all_chunk16": dict(Ls=(65,), chunk=16, **ALL),
+    "L65_N1_all_reverse_chunk8": dict(Ls=(65,), N=1, reverse=True, **ALL),
+    "L64_exact_blocks_reverse": dict(Ls=(64,), chunk=16, reverse=True, **ALL),
+    "L65_groups_token_major_reverse": dict(Ls=(65,), groups=2, layout="token_major", reverse=True, **ALL),
+    "L7_token_major": dict(Ls=(7,), layout="token_major", **ALL),
+    "2d_col_major": dict(Ls=(5, 3), layout="col_major_2d", chunk=4, **ALL),
+    "2d_col_major_reverse_groups": dict(Ls=(3, 5), groups=2, layout="col_major_2d", chunk=4, reverse=True, **ALL),
+    "channel_mixer_dim1": dict(batch=24, dim=1, Ls=(65,), chunk=16, **ALL),
+    "channel_mixer_dim1_reverse": dict(batch=24, dim=1, Ls=(33,), N=1, chunk=8, reverse=True, D=True, bias=True,
+                                       softplus=True),
+    # dB/dC reductions: deterministic partials (4 tiles per group), atomics over shared tiles,
+    # atomics over tiles gathering per row and straddling groups and batches.
+    "bc_partials_4_slots": dict(dim=8, block_rows=2, bc="partials", **ALL),
+    "bc_atomic_shared_tiles": dict(dim=8, block_rows=2, bc="atomic", reverse=True, **ALL),
+    "bc_atomic_gather_tiles": dict(dim=6, groups=2, block_rows=4, Ls=(9,), **ALL),
+    "tile_spans_batches": dict(batch=3, dim=2, block_rows=4, Ls=(9,), **ALL),
+    "float64": dict(dtype=torch.float64, Ls=(65,), chunk=16, groups=2, **ALL),
+    "float16": dict(dtype=torch.float16, Ls=(65,), chunk=16, **ALL),
+    "bfloat16_bc_float32": dict(dtype=torch.bfloat16, bc_dtype=torch.float32, Ls=(33,), reverse=True, **ALL),
+}
+
+
+@pytest.mark.parametrize("case", list(SWEEP), ids=list(SWEEP))
+def test_matches_reference(settings, case):
+    check_case(settings, **SWEEP[case])
+
+
+def test_stress_inputs_stay_finite(settings):
+    # softplus arguments above 20 (identity branch) and A down to -1e3: finite and still exact.
+    check_case(settings, Ls=(65,), chunk=16, delta_shift=22.0, delta_scale=3.0, A_scale=1e3, **ALL)
+
+
+def test_tiny_delta_long_decay(settings):
+    # delta ~1e-4 without softplus: decays exp(dt*A) ~ 1 compose over many blocks without drift.
+    check_case(settings, Ls=(257,), N=1, dim=2, chunk=32, delta_scale=1e-4, delta_shift=1e-4, D=True, h0=True)
+
+
+def test_partials_reduction_is_deterministic(settings):
+    cfg, inputs, dout, dlast = make_case(3, dim=8, block_rows=2, bc="partials", Ls=(9,), **ALL)
+    settings(cfg["chunk"], cfg["block_rows"], cfg["bc"])
+    first = run_backend(cfg, inputs, dout, dlast)[3]
+    second = run_backend(cfg, inputs, dout, dlast)[3]
+    for name in ("B", "C", "A", "D", "delta_bias"):
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_saved_from_other_chunk_size_is_rejected(settings):
+    cfg, inputs, dout, dlast = make_case(Ls=(20,))
+    settings(4, None, "auto")
+    x = backend_inputs(cfg, inputs)
+    out, last, saved = tb.scan_forward(x["u"], x["delta"], x["A"], x["B"], x["C"], None, None, None, None,
+                                       False, False)
+    settings(8, None, "auto")
+    with pytest.raises(ValueError, match="saved"):
+        tb.scan_backward(dout, None, x["u"], x["delta"], x["A"], x["B"], x["C"], None, None, None, None,
+                         saved, False, False)
+
+
+def test_empty_batch():
+    u = torch.zeros(0, 3, 5)
+    B = torch.zeros(0, 1, 2, 5)
+    A = -torch.ones(3, 2)
+    out, last, saved = tb.scan_forward(u, u, A, B, B, None, None, None, None, True, False)
+    assert out.shape == (0, 3, 5) and last.shape == (0, 3, 2)
+    grads = tb.scan_backward(out, None, u, u, A, B, B, None, None, None, None, saved, True, False)
+    assert grads[0].shape == u.shape and grads[3].shape == B.shape
+    assert torch.equal(grads[2], torch.zeros(3, 2))
+
+
+def test_unavailable_reasons_without_interpreter_or_triton():
+    script = textwrap.dedent("""
+        import importlib, os, sys
+        os.environ.pop("TRITON_INTERPRET", None)
+        import torch
+        from vim2_kernels.selective_scan import triton_backend as tb
+        print("cpu:", tb.unavailable_reason(torch.device("cpu")))
+        print("meta:", tb.unavailable_reason(torch.device("meta")))
+        del sys.modules["vim2_kernels.selective_scan.triton_backend"]
+        for name in [m for m in sys.modules if m == "triton" or m.startswith("triton.")]:
+            del sys.modules[name]
+        sys.modules["triton"] = None  # what an install without triton looks like to `import triton`
+        tb = importlib.import_module("vim2_kernels.selective_scan.triton_backend")
+        print("absent:", tb.unavailable_reason(torch.device("cuda")))
+        print("shape:", tb.saved_shape(2, 3, 100, 4))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(": ", 1) for line in result.stdout.strip().splitlines())
+    assert "TRITON_INTERPRET=1" in lines["cpu"]
+    assert "meta" in lines["meta"]
+    assert "triton is not installed" in lines["absent"]
+    assert lines["shape"] == str((2, 3, 4, 4))  # 100 steps in blocks of CHUNK_SIZE=32
