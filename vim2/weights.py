@@ -267,13 +267,13 @@ def _classify_failure(exc: BaseException, frame: Optional[Mapping[str, Any]]) ->
         return "no weight source is configured for this model"
     if "invalid hash value" in lowered:
         return f"the downloaded file failed its checksum verification ({text})"
+    hub_errors = _hub_error_types()  # checked first: some subclass FileNotFoundError
+    if hub_errors and isinstance(exc, hub_errors):
+        return f"the Hugging Face hub could not provide the file (offline, unknown repo or missing file) ({text})"
     if isinstance(exc, FileNotFoundError):
         return "the weight file was not found" + (f" ({text})" if str(exc) else "")
     if isinstance(exc, RuntimeError) and "no suitable checkpoints found" in lowered:
         return f"the directory holds no weight file ({text})"
-    hub_errors = _hub_error_types()
-    if hub_errors and isinstance(exc, hub_errors):
-        return f"the Hugging Face hub could not provide the file (offline, unknown repo or missing file) ({text})"
     if isinstance(exc, (urllib.error.URLError, ConnectionError, TimeoutError)):
         return f"the download failed (offline, server unreachable or file missing on the server) ({text})"
     if "error(s) in loading state_dict" in lowered or "size mismatch" in lowered:
