@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""Thin wrapper around `vim2.weights.export_main` (installed as a console script too); see its --help."""
+"""Thin wrapper around `vim2.weights.export_main` (installed as a console script too); see its --help.
+
+Needs the package installed (`bash tools/setup_env.sh` installs it editable into .venv).
+"""
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from vim2.weights import export_main  # noqa: E402
+from vim2.weights import export_main
 
 if __name__ == "__main__":
     sys.exit(export_main())
