@@ -192,7 +192,8 @@ class ViM2(nn.Module):
         depths: token mixers per stage.
         channel_mixer: 'ssm' (Selective Channel Mixer), 'mlp' (ablation) or None (no channel mixing).
         channel_mixer_every: a channel mixer follows every n-th token mixer of a stage (2 = Table 8).
-        channel_mixer_expand: per stage, channel-mixer width E = expand * C (Table 8: 2, 2, 2, 1).
+        channel_mixer_expand: per stage, channel-mixer width E = expand * C; None = 2 in every stage but
+            the last and 1 in the last (Table 8: "CW-Linear" 2C, 2C, 2C, C).
         weighted_average: learnable weighted averaging of earlier outputs in each stage (Eq. 19-20).
         d_state: SSM state size of the token mixers.
         channel_d_state: SSM state size of the channel mixers (None = d_state).
@@ -218,7 +219,7 @@ class ViM2(nn.Module):
             depths: Sequence[int] = (2, 2, 6, 2),
             channel_mixer: Optional[str] = 'ssm',
             channel_mixer_every: int = 2,
-            channel_mixer_expand: Sequence[float] = (2, 2, 2, 1),
+            channel_mixer_expand: Optional[Sequence[float]] = None,
             weighted_average: bool = True,
             d_state: int = 16,
             channel_d_state: Optional[int] = None,
@@ -239,6 +240,8 @@ class ViM2(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         embed_dims = tuple(embed_dims)
         depths = tuple(depths)
+        if channel_mixer_expand is None:
+            channel_mixer_expand = (2,) * (len(depths) - 1) + (1,)
         channel_mixer_expand = tuple(channel_mixer_expand)
         if not embed_dims or len(embed_dims) != len(depths):
             raise ValueError(f'embed_dims and depths must be non-empty and of equal length, '
@@ -277,8 +280,8 @@ class ViM2(nn.Module):
         )
 
         self.stem = Stem(in_chans, embed_dims[0], patch_size=patch_size, **dd)
-        dp_rates = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=False) \
-            if drop_path_rate else [[0.] * d for d in depths]
+        # linear over all token mixers of the network, returned split per stage
+        dp_rates = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
         self.feature_info = []
         self.stages = nn.Sequential()
         prev_dim = embed_dims[0]
