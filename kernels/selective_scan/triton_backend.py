@@ -74,6 +74,8 @@ BLOCK_ROWS: Optional[int] = None
 BC_GRAD_REDUCTION = "auto"
 # "auto" uses deterministic per-tile partials when there are at most this many tiles per group.
 MAX_PARTIAL_SLOTS = 8
+# Force the number of sequence segments processed in parallel (None: heuristic; 1: purely sequential).
+SEGMENTS: Optional[int] = None
 
 try:  # Triton ships with Linux CUDA builds of torch only; the module must import without it.
     import triton
@@ -100,12 +102,47 @@ if triton is not None:
         return off
 
     @triton.jit
+    def _load_seq(ptr, row_off, t, mask2, L2, s1, s2, TWO_LEVEL: tl.constexpr, COMPUTE: tl.constexpr):
+        """(BLOCK_ROWS, BLOCK_T) tile of a (batch, dim, *Ls) tensor, converted to the compute dtype."""
+        off = _seq_offsets(t, L2, s1, s2, TWO_LEVEL)
+        return tl.load(ptr + row_off[:, None] + off[None, :], mask=mask2, other=0.0).to(COMPUTE)
+
+    @triton.jit
+    def _load_bc(ptr, base, t, row_ok, t_ok, offs_n, n_ok, L2, s_n, s1, s2,
+                 TWO_LEVEL: tl.constexpr, SHARED_BC: tl.constexpr, COMPUTE: tl.constexpr):
+        """B or C for one time block: (1, BLOCK_N, BLOCK_T) shared by the tile, or per row."""
+        off = _seq_offsets(t, L2, s1, s2, TWO_LEVEL)
+        if SHARED_BC:
+            x2 = tl.load(ptr + base + offs_n[:, None] * s_n + off[None, :],
+                         mask=n_ok[:, None] & t_ok[None, :], other=0.0).to(COMPUTE)
+            x3 = x2[None, :, :]
+        else:
+            x3 = tl.load(ptr + base[:, None, None] + offs_n[None, :, None] * s_n + off[None, None, :],
+                         mask=row_ok[:, None, None] & n_ok[None, :, None] & t_ok[None, None, :],
+                         other=0.0).to(COMPUTE)
+        return x3
+
+    @triton.jit
     def _softplus(x):
         # mamba's softplus: x above 20, else log1p(exp(x)) with an accurate log1p (Goldberg's trick).
         e = tl.exp(tl.minimum(x, 20.0))
         w = 1.0 + e
         log1p_e = tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
         return tl.where(x > 20.0, x, log1p_e)
+
+    @triton.jit
+    def _block_dt(dl_ptr, row_dl, t, mask2, bias, L2, sd_1, sd_2,
+                  TWO_LEVEL: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                  COMPUTE: tl.constexpr):
+        """(x, dt): delta (+ bias) and the step size; padding gets dt = 0, i.e. the identity step."""
+        x = _load_seq(dl_ptr, row_dl, t, mask2, L2, sd_1, sd_2, TWO_LEVEL, COMPUTE)
+        if HAS_BIAS:
+            x = x + bias[:, None]
+        if SOFTPLUS:
+            dt = _softplus(x)
+        else:
+            dt = x
+        return x, tl.where(mask2, dt, 0.0)
 
     @triton.jit
     def _combine_linear(a_acc, b_acc, a_cur, b_cur):
@@ -121,77 +158,80 @@ if triton is not None:
         return first_cur, link * rest_acc, sum_cur + link * sum_acc
 
     @triton.jit
-    def _block_states(u_ptr, dl_ptr, B_ptr, row_u, row_dl, B_base, t, row_ok, t_ok, offs_n, n_ok,
-                      A3, bias, h_in, L2,
-                      su_1, su_2, sd_1, sd_2, sB_n, sB_1, sB_2,
-                      TWO_LEVEL: tl.constexpr, SHARED_BC: tl.constexpr, REVERSE: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BLOCK_T: tl.constexpr,
-                      COMPUTE: tl.constexpr):
-        """States after every step of one time block. Returns (uu, x, dt, a, bx, B3, hs)."""
-        mask2 = row_ok[:, None] & t_ok[None, :]
-        tu = _seq_offsets(t, L2, su_1, su_2, TWO_LEVEL)
-        td = _seq_offsets(t, L2, sd_1, sd_2, TWO_LEVEL)
-        tb = _seq_offsets(t, L2, sB_1, sB_2, TWO_LEVEL)
-        uu = tl.load(u_ptr + row_u[:, None] + tu[None, :], mask=mask2, other=0.0).to(COMPUTE)
-        x = tl.load(dl_ptr + row_dl[:, None] + td[None, :], mask=mask2, other=0.0).to(COMPUTE)
-        if HAS_BIAS:
-            x = x + bias[:, None]
-        if SOFTPLUS:
-            dt = _softplus(x)
-        else:
-            dt = x
-        # Padding (rows past the end, steps past L) becomes the identity step: a = 1, bx = 0.
-        dt = tl.where(mask2, dt, 0.0)
-        if SHARED_BC:
-            B2 = tl.load(B_ptr + B_base + offs_n[:, None] * sB_n + tb[None, :],
-                         mask=n_ok[:, None] & t_ok[None, :], other=0.0).to(COMPUTE)
-            B3 = B2[None, :, :]
-        else:
-            B3 = tl.load(B_ptr + B_base[:, None, None] + offs_n[None, :, None] * sB_n + tb[None, None, :],
-                         mask=row_ok[:, None, None] & n_ok[None, :, None] & t_ok[None, None, :],
-                         other=0.0).to(COMPUTE)
-        a = tl.exp(dt[:, None, :] * A3)
-        bx = (dt * uu)[:, None, :] * B3
-        # Fold the state entering the block into its first step in scan order.
+    def _block_states(a, bx, h_in, REVERSE: tl.constexpr, BLOCK_T: tl.constexpr):
+        """States after every step of a block, (BLOCK_ROWS, BLOCK_N, BLOCK_T), from the entering state."""
         pos = tl.arange(0, BLOCK_T)
         if REVERSE:
             first = pos == BLOCK_T - 1
         else:
             first = pos == 0
+        # Fold the entering state into the block's first step in scan order.
         bx_in = tl.where(first[None, None, :], a * h_in[:, :, None], 0.0) + bx
         _, hs = tl.associative_scan((a, bx_in), axis=2, combine_fn=_combine_linear, reverse=REVERSE)
-        return uu, x, dt, a, bx, B3, hs
+        return hs
 
     @triton.jit
-    def _load_bc(C_ptr, C_base, t, row_ok, t_ok, n_ok, offs_n, L2, sC_n, sC_1, sC_2,
-                 TWO_LEVEL: tl.constexpr, SHARED_BC: tl.constexpr, COMPUTE: tl.constexpr):
-        tc = _seq_offsets(t, L2, sC_1, sC_2, TWO_LEVEL)
-        if SHARED_BC:
-            C2 = tl.load(C_ptr + C_base + offs_n[:, None] * sC_n + tc[None, :],
-                         mask=n_ok[:, None] & t_ok[None, :], other=0.0).to(COMPUTE)
-            C3 = C2[None, :, :]
+    def _block_adjoint(a, inject, carry, ones, REVERSE: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Adjoints G_s of the states after every step of a block, and the adjoint leaving the block
+        (w.r.t. the state entering it); `carry` is the adjoint w.r.t. the state after the block."""
+        pos = tl.arange(0, BLOCK_T)
+        if REVERSE:
+            last = pos == 0             # scan-order last step of the block
+            first = pos == BLOCK_T - 1  # scan-order first step
         else:
-            C3 = tl.load(C_ptr + C_base[:, None, None] + offs_n[None, :, None] * sC_n + tc[None, None, :],
-                         mask=row_ok[:, None, None] & n_ok[None, :, None] & t_ok[None, None, :],
-                         other=0.0).to(COMPUTE)
-        return C3
+            last = pos == BLOCK_T - 1
+            first = pos == 0
+        inject = inject + tl.where(last[None, None, :], carry[:, :, None], 0.0)
+        _, _, gs = tl.associative_scan((a, ones, inject), axis=2, combine_fn=_combine_adjoint,
+                                       reverse=not REVERSE)
+        carry_out = tl.sum(tl.where(first[None, None, :], a * gs, 0.0), axis=2)
+        return gs, carry_out
+
+    @triton.jit
+    def _block_range(seg, blocks_per_seg, n_blocks):
+        lo = seg * blocks_per_seg
+        hi = tl.minimum(lo + blocks_per_seg, n_blocks)
+        return lo, hi
+
+    @triton.jit
+    def _block_times(i, n_blocks, REVERSE: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Natural block index and int64 positions of the i-th block in scan order."""
+        if REVERSE:
+            c = n_blocks - 1 - i
+        else:
+            c = i
+        t = c.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+        return c, t
+
+    @triton.jit
+    def _last_in_scan_order(hs, REVERSE: tl.constexpr, BLOCK_T: tl.constexpr):
+        # Padding steps are identities, so the last slot of the block holds the final state even in a
+        # partial block.
+        pos = tl.arange(0, BLOCK_T)
+        if REVERSE:
+            sel = pos == 0
+        else:
+            sel = pos == BLOCK_T - 1
+        return tl.sum(tl.where(sel[None, None, :], hs, 0.0), axis=2)
 
     @triton.jit
     def _scan_fwd_kernel(
-        u_ptr, dl_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, h0_ptr,
+        u_ptr, dl_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, h0_ptr, hstart_ptr,
         out_ptr, last_ptr, saved_ptr,
-        n_rows, dim, dim_per_group, L, L2, N, n_blocks,
+        n_rows, dim, dim_per_group, L, L2, N, n_blocks, blocks_per_seg, n_segs,
         su_b, su_d, su_1, su_2,
         sd_b, sd_d, sd_1, sd_2,
         sz_b, sz_d, sz_1, sz_2,
         sB_b, sB_g, sB_n, sB_1, sB_2,
         sC_b, sC_g, sC_n, sC_1, sC_2,
         BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
-        SHARED_BC: tl.constexpr, TWO_LEVEL: tl.constexpr, REVERSE: tl.constexpr,
+        SHARED_BC: tl.constexpr, TWO_LEVEL: tl.constexpr, REVERSE: tl.constexpr, SPLIT: tl.constexpr,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
         SOFTPLUS: tl.constexpr, COMPUTE: tl.constexpr,
     ):
+        # Program (tile of rows, segment of time blocks); without SPLIT there is one segment.
         pid = tl.program_id(0).to(tl.int64)
+        seg = tl.program_id(1)
         rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)
         row_ok = rows < n_rows
         bidx = rows // dim
@@ -200,15 +240,17 @@ if triton is not None:
         offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
         n_ok = offs_n < N
         rn_mask = row_ok[:, None] & n_ok[None, :]
-        A2 = tl.load(A_ptr + didx[:, None] * N + offs_n[None, :], mask=rn_mask, other=0.0).to(COMPUTE)
-        A3 = A2[:, :, None]
+        A3 = tl.load(A_ptr + didx[:, None] * N + offs_n[None, :], mask=rn_mask, other=0.0).to(COMPUTE)[:, :, None]
         if HAS_BIAS:
             bias = tl.load(bias_ptr + didx, mask=row_ok, other=0.0).to(COMPUTE)
         else:
             bias = tl.zeros((BLOCK_ROWS,), dtype=COMPUTE)
         if HAS_D:
             Dv = tl.load(D_ptr + didx, mask=row_ok, other=0.0).to(COMPUTE)
-        if HAS_H0:
+        if SPLIT:
+            h = tl.load(hstart_ptr + (rows[:, None] * n_segs + seg) * N + offs_n[None, :],
+                        mask=rn_mask, other=0.0).to(COMPUTE)
+        elif HAS_H0:
             h = tl.load(h0_ptr + rows[:, None] * N + offs_n[None, :], mask=rn_mask, other=0.0).to(COMPUTE)
         else:
             h = tl.zeros((BLOCK_ROWS, BLOCK_N), dtype=COMPUTE)
@@ -225,42 +267,181 @@ if triton is not None:
         else:
             B_base = bidx * sB_b + gidx * sB_g
             C_base = bidx * sC_b + gidx * sC_g
-        pos = tl.arange(0, BLOCK_T)
-        if REVERSE:
-            last_pos = pos == 0
-        else:
-            last_pos = pos == BLOCK_T - 1
-        for i in range(n_blocks):
-            if REVERSE:
-                c = n_blocks - 1 - i
-            else:
-                c = i
-            t = c.to(tl.int64) * BLOCK_T + pos.to(tl.int64)
+        lo, hi = _block_range(seg, blocks_per_seg, n_blocks)
+        for i in range(lo, hi):
+            c, t = _block_times(i, n_blocks, REVERSE, BLOCK_T)
             t_ok = t < L
+            mask2 = row_ok[:, None] & t_ok[None, :]
             tl.store(saved_ptr + (rows[:, None] * n_blocks + c) * N + offs_n[None, :], h, mask=rn_mask)
-            uu, x, dt, a, bx, B3, hs = _block_states(
-                u_ptr, dl_ptr, B_ptr, row_u, row_dl, B_base, t, row_ok, t_ok, offs_n, n_ok, A3, bias, h, L2,
-                su_1, su_2, sd_1, sd_2, sB_n, sB_1, sB_2,
-                TWO_LEVEL, SHARED_BC, REVERSE, HAS_BIAS, SOFTPLUS, BLOCK_T, COMPUTE)
-            C3 = _load_bc(C_ptr, C_base, t, row_ok, t_ok, n_ok, offs_n, L2, sC_n, sC_1, sC_2,
+            x, dt = _block_dt(dl_ptr, row_dl, t, mask2, bias, L2, sd_1, sd_2,
+                              TWO_LEVEL, HAS_BIAS, SOFTPLUS, COMPUTE)
+            uu = _load_seq(u_ptr, row_u, t, mask2, L2, su_1, su_2, TWO_LEVEL, COMPUTE)
+            B3 = _load_bc(B_ptr, B_base, t, row_ok, t_ok, offs_n, n_ok, L2, sB_n, sB_1, sB_2,
+                          TWO_LEVEL, SHARED_BC, COMPUTE)
+            a = tl.exp(dt[:, None, :] * A3)
+            hs = _block_states(a, (dt * uu)[:, None, :] * B3, h, REVERSE, BLOCK_T)
+            C3 = _load_bc(C_ptr, C_base, t, row_ok, t_ok, offs_n, n_ok, L2, sC_n, sC_1, sC_2,
                           TWO_LEVEL, SHARED_BC, COMPUTE)
             y = tl.sum(C3 * hs, axis=1)
             if HAS_D:
                 y = y + Dv[:, None] * uu
-            mask2 = row_ok[:, None] & t_ok[None, :]
             if HAS_Z:
-                tz = _seq_offsets(t, L2, sz_1, sz_2, TWO_LEVEL)
-                zz = tl.load(z_ptr + row_z[:, None] + tz[None, :], mask=mask2, other=0.0).to(COMPUTE)
+                zz = _load_seq(z_ptr, row_z, t, mask2, L2, sz_1, sz_2, TWO_LEVEL, COMPUTE)
                 y = y * (zz * tl.sigmoid(zz))
             tl.store(out_ptr + rows[:, None] * L + t[None, :], y, mask=mask2)
-            h = tl.sum(tl.where(last_pos[None, None, :], hs, 0.0), axis=2)
-        tl.store(last_ptr + rows[:, None] * N + offs_n[None, :], h, mask=rn_mask)
+            h = _last_in_scan_order(hs, REVERSE, BLOCK_T)
+        tl.store(last_ptr + rows[:, None] * N + offs_n[None, :], h, mask=rn_mask & (seg == n_segs - 1))
+
+    @triton.jit
+    def _fwd_summary_kernel(
+        u_ptr, dl_ptr, A_ptr, B_ptr, bias_ptr, hloc_ptr, sdt_ptr,
+        n_rows, dim, dim_per_group, L, L2, N, n_blocks, blocks_per_seg, n_segs,
+        su_b, su_d, su_1, su_2,
+        sd_b, sd_d, sd_1, sd_2,
+        sB_b, sB_g, sB_n, sB_1, sB_2,
+        BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+        SHARED_BC: tl.constexpr, TWO_LEVEL: tl.constexpr, REVERSE: tl.constexpr,
+        HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, COMPUTE: tl.constexpr,
+    ):
+        # For segment `seg` (all but the last): the state it leaves when entered with zero, and the sum
+        # of its step sizes (its decay is exp(A * sum dt)).
+        pid = tl.program_id(0).to(tl.int64)
+        seg = tl.program_id(1)
+        rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)
+        row_ok = rows < n_rows
+        bidx = rows // dim
+        didx = rows - bidx * dim
+        offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+        n_ok = offs_n < N
+        rn_mask = row_ok[:, None] & n_ok[None, :]
+        A3 = tl.load(A_ptr + didx[:, None] * N + offs_n[None, :], mask=rn_mask, other=0.0).to(COMPUTE)[:, :, None]
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + didx, mask=row_ok, other=0.0).to(COMPUTE)
+        else:
+            bias = tl.zeros((BLOCK_ROWS,), dtype=COMPUTE)
+        row_u = bidx * su_b + didx * su_d
+        row_dl = bidx * sd_b + didx * sd_d
+        if SHARED_BC:
+            row0 = pid * BLOCK_ROWS
+            b0 = row0 // dim
+            B_base = b0 * sB_b + ((row0 - b0 * dim) // dim_per_group) * sB_g
+        else:
+            B_base = bidx * sB_b + (didx // dim_per_group) * sB_g
+        h = tl.zeros((BLOCK_ROWS, BLOCK_N), dtype=COMPUTE)
+        sdt = tl.zeros((BLOCK_ROWS,), dtype=COMPUTE)
+        lo, hi = _block_range(seg, blocks_per_seg, n_blocks)
+        for i in range(lo, hi):
+            c, t = _block_times(i, n_blocks, REVERSE, BLOCK_T)
+            t_ok = t < L
+            mask2 = row_ok[:, None] & t_ok[None, :]
+            x, dt = _block_dt(dl_ptr, row_dl, t, mask2, bias, L2, sd_1, sd_2,
+                              TWO_LEVEL, HAS_BIAS, SOFTPLUS, COMPUTE)
+            uu = _load_seq(u_ptr, row_u, t, mask2, L2, su_1, su_2, TWO_LEVEL, COMPUTE)
+            B3 = _load_bc(B_ptr, B_base, t, row_ok, t_ok, offs_n, n_ok, L2, sB_n, sB_1, sB_2,
+                          TWO_LEVEL, SHARED_BC, COMPUTE)
+            a = tl.exp(dt[:, None, :] * A3)
+            hs = _block_states(a, (dt * uu)[:, None, :] * B3, h, REVERSE, BLOCK_T)
+            h = _last_in_scan_order(hs, REVERSE, BLOCK_T)
+            sdt += tl.sum(dt, axis=1)
+        tl.store(hloc_ptr + (rows[:, None] * n_segs + seg) * N + offs_n[None, :], h, mask=rn_mask)
+        tl.store(sdt_ptr + rows * n_segs + seg, sdt, mask=row_ok)
+
+    @triton.jit
+    def _combine_segments_kernel(
+        start_ptr, loc_ptr, sdt_ptr, A_ptr, out_ptr, n_rows, dim, N, n_segs,
+        BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_START: tl.constexpr, BACKWARD: tl.constexpr, COMPUTE: tl.constexpr,
+    ):
+        # Sequential over segments, per row: forward, out[j] = state entering segment j; backward
+        # (segments in reverse), out[j] = adjoint of the state leaving segment j.
+        pid = tl.program_id(0).to(tl.int64)
+        rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)
+        row_ok = rows < n_rows
+        didx = rows % dim
+        offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+        rn_mask = row_ok[:, None] & (offs_n < N)[None, :]
+        A2 = tl.load(A_ptr + didx[:, None] * N + offs_n[None, :], mask=rn_mask, other=0.0).to(COMPUTE)
+        if HAS_START:
+            h = tl.load(start_ptr + rows[:, None] * N + offs_n[None, :], mask=rn_mask, other=0.0).to(COMPUTE)
+        else:
+            h = tl.zeros((BLOCK_ROWS, BLOCK_N), dtype=COMPUTE)
+        for k in range(n_segs):
+            if BACKWARD:
+                j = n_segs - 1 - k
+            else:
+                j = k
+            tl.store(out_ptr + (rows[:, None] * n_segs + j) * N + offs_n[None, :], h, mask=rn_mask)
+            # The summary of the segment processed last is never written: its buffers stay zero and the
+            # update below is then harmless (its result is not stored).
+            s = tl.load(sdt_ptr + rows * n_segs + j, mask=row_ok, other=0.0).to(COMPUTE)
+            loc = tl.load(loc_ptr + (rows[:, None] * n_segs + j) * N + offs_n[None, :],
+                          mask=rn_mask, other=0.0).to(COMPUTE)
+            h = tl.exp(A2 * s[:, None]) * h + loc
+
+    @triton.jit
+    def _bwd_summary_kernel(
+        dout_ptr, dl_ptr, z_ptr, A_ptr, C_ptr, bias_ptr, gloc_ptr, sdt_ptr,
+        n_rows, dim, dim_per_group, L, L2, N, n_blocks, blocks_per_seg, n_segs, seg_offset,
+        sg_b, sg_d, sg_1, sg_2,
+        sd_b, sd_d, sd_1, sd_2,
+        sz_b, sz_d, sz_1, sz_2,
+        sC_b, sC_g, sC_n, sC_1, sC_2,
+        BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+        SHARED_BC: tl.constexpr, TWO_LEVEL: tl.constexpr, REVERSE: tl.constexpr,
+        HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, COMPUTE: tl.constexpr,
+    ):
+        # For segment `seg` (all but the first): the adjoint of the state entering it when the adjoint
+        # of the state leaving it is zero, and the sum of its step sizes. Needs no forward state.
+        pid = tl.program_id(0).to(tl.int64)
+        seg = tl.program_id(1) + seg_offset
+        rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)
+        row_ok = rows < n_rows
+        bidx = rows // dim
+        didx = rows - bidx * dim
+        offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+        n_ok = offs_n < N
+        rn_mask = row_ok[:, None] & n_ok[None, :]
+        A3 = tl.load(A_ptr + didx[:, None] * N + offs_n[None, :], mask=rn_mask, other=0.0).to(COMPUTE)[:, :, None]
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + didx, mask=row_ok, other=0.0).to(COMPUTE)
+        else:
+            bias = tl.zeros((BLOCK_ROWS,), dtype=COMPUTE)
+        row_g = bidx * sg_b + didx * sg_d
+        row_dl = bidx * sd_b + didx * sd_d
+        row_z = bidx * sz_b + didx * sz_d
+        if SHARED_BC:
+            row0 = pid * BLOCK_ROWS
+            b0 = row0 // dim
+            C_base = b0 * sC_b + ((row0 - b0 * dim) // dim_per_group) * sC_g
+        else:
+            C_base = bidx * sC_b + (didx // dim_per_group) * sC_g
+        carry = tl.zeros((BLOCK_ROWS, BLOCK_N), dtype=COMPUTE)
+        sdt = tl.zeros((BLOCK_ROWS,), dtype=COMPUTE)
+        ones = tl.full((BLOCK_ROWS, BLOCK_N, BLOCK_T), 1.0, COMPUTE)
+        lo, hi = _block_range(seg, blocks_per_seg, n_blocks)
+        for k in range(lo, hi):
+            c, t = _block_times(hi - 1 - (k - lo), n_blocks, REVERSE, BLOCK_T)
+            t_ok = t < L
+            mask2 = row_ok[:, None] & t_ok[None, :]
+            x, dt = _block_dt(dl_ptr, row_dl, t, mask2, bias, L2, sd_1, sd_2,
+                              TWO_LEVEL, HAS_BIAS, SOFTPLUS, COMPUTE)
+            gy = _load_seq(dout_ptr, row_g, t, mask2, L2, sg_1, sg_2, TWO_LEVEL, COMPUTE)
+            if HAS_Z:
+                zz = _load_seq(z_ptr, row_z, t, mask2, L2, sz_1, sz_2, TWO_LEVEL, COMPUTE)
+                gy = gy * zz * tl.sigmoid(zz)
+            C3 = _load_bc(C_ptr, C_base, t, row_ok, t_ok, offs_n, n_ok, L2, sC_n, sC_1, sC_2,
+                          TWO_LEVEL, SHARED_BC, COMPUTE)
+            a = tl.exp(dt[:, None, :] * A3)
+            _, carry = _block_adjoint(a, gy[:, None, :] * C3, carry, ones, REVERSE, BLOCK_T)
+            sdt += tl.sum(dt, axis=1)
+        tl.store(gloc_ptr + (rows[:, None] * n_segs + seg) * N + offs_n[None, :], carry, mask=rn_mask)
+        tl.store(sdt_ptr + rows * n_segs + seg, sdt, mask=row_ok)
 
     @triton.jit
     def _scan_bwd_kernel(
-        dout_ptr, dlast_ptr, u_ptr, dl_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, saved_ptr,
+        dout_ptr, dlast_ptr, cend_ptr, u_ptr, dl_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, saved_ptr,
         du_ptr, ddl_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr,
-        n_rows, dim, dim_per_group, G, L, L2, N, n_blocks,
+        n_rows, dim, dim_per_group, G, L, L2, N, n_blocks, blocks_per_seg, n_segs,
         sg_b, sg_d, sg_1, sg_2,
         su_b, su_d, su_1, su_2,
         sd_b, sd_d, sd_1, sd_2,
@@ -269,11 +450,12 @@ if triton is not None:
         sC_b, sC_g, sC_n, sC_1, sC_2,
         BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
         SHARED_BC: tl.constexpr, BC_PARTIALS: tl.constexpr, BC_ATOMIC: tl.constexpr,
-        TWO_LEVEL: tl.constexpr, REVERSE: tl.constexpr,
+        TWO_LEVEL: tl.constexpr, REVERSE: tl.constexpr, SPLIT: tl.constexpr,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DLAST: tl.constexpr,
         SOFTPLUS: tl.constexpr, COMPUTE: tl.constexpr,
     ):
         pid = tl.program_id(0).to(tl.int64)
+        seg = tl.program_id(1)
         rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)
         row_ok = rows < n_rows
         bidx = rows // dim
@@ -282,15 +464,17 @@ if triton is not None:
         offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
         n_ok = offs_n < N
         rn_mask = row_ok[:, None] & n_ok[None, :]
-        A2 = tl.load(A_ptr + didx[:, None] * N + offs_n[None, :], mask=rn_mask, other=0.0).to(COMPUTE)
-        A3 = A2[:, :, None]
+        A3 = tl.load(A_ptr + didx[:, None] * N + offs_n[None, :], mask=rn_mask, other=0.0).to(COMPUTE)[:, :, None]
         if HAS_BIAS:
             bias = tl.load(bias_ptr + didx, mask=row_ok, other=0.0).to(COMPUTE)
         else:
             bias = tl.zeros((BLOCK_ROWS,), dtype=COMPUTE)
         if HAS_D:
             Dv = tl.load(D_ptr + didx, mask=row_ok, other=0.0).to(COMPUTE)
-        if HAS_DLAST:
+        if SPLIT:
+            carry = tl.load(cend_ptr + (rows[:, None] * n_segs + seg) * N + offs_n[None, :],
+                            mask=rn_mask, other=0.0).to(COMPUTE)
+        elif HAS_DLAST:
             carry = tl.load(dlast_ptr + rows[:, None] * N + offs_n[None, :], mask=rn_mask, other=0.0).to(COMPUTE)
         else:
             carry = tl.zeros((BLOCK_ROWS, BLOCK_N), dtype=COMPUTE)
@@ -316,58 +500,44 @@ if triton is not None:
         dD_acc = tl.zeros((BLOCK_ROWS,), dtype=COMPUTE)
         dbias_acc = tl.zeros((BLOCK_ROWS,), dtype=COMPUTE)
         ones = tl.full((BLOCK_ROWS, BLOCK_N, BLOCK_T), 1.0, COMPUTE)
-        pos = tl.arange(0, BLOCK_T)
-        if REVERSE:
-            grad_in_pos = pos == 0            # scan-order last step of a block
-            grad_out_pos = pos == BLOCK_T - 1  # scan-order first step of a block
-        else:
-            grad_in_pos = pos == BLOCK_T - 1
-            grad_out_pos = pos == 0
-        for i in range(n_blocks):
-            if REVERSE:
-                c = i
-            else:
-                c = n_blocks - 1 - i
-            t = c.to(tl.int64) * BLOCK_T + pos.to(tl.int64)
+        lo, hi = _block_range(seg, blocks_per_seg, n_blocks)
+        for k in range(lo, hi):
+            # Blocks of the segment in reverse scan order.
+            c, t = _block_times(hi - 1 - (k - lo), n_blocks, REVERSE, BLOCK_T)
             t_ok = t < L
             mask2 = row_ok[:, None] & t_ok[None, :]
             h_in = tl.load(saved_ptr + (rows[:, None] * n_blocks + c) * N + offs_n[None, :],
                            mask=rn_mask, other=0.0).to(COMPUTE)
-            uu, x, dt, a, bx, B3, hs = _block_states(
-                u_ptr, dl_ptr, B_ptr, row_u, row_dl, B_base, t, row_ok, t_ok, offs_n, n_ok, A3, bias, h_in, L2,
-                su_1, su_2, sd_1, sd_2, sB_n, sB_1, sB_2,
-                TWO_LEVEL, SHARED_BC, REVERSE, HAS_BIAS, SOFTPLUS, BLOCK_T, COMPUTE)
-            C3 = _load_bc(C_ptr, C_base, t, row_ok, t_ok, n_ok, offs_n, L2, sC_n, sC_1, sC_2,
+            x, dt = _block_dt(dl_ptr, row_dl, t, mask2, bias, L2, sd_1, sd_2,
+                              TWO_LEVEL, HAS_BIAS, SOFTPLUS, COMPUTE)
+            uu = _load_seq(u_ptr, row_u, t, mask2, L2, su_1, su_2, TWO_LEVEL, COMPUTE)
+            B3 = _load_bc(B_ptr, B_base, t, row_ok, t_ok, offs_n, n_ok, L2, sB_n, sB_1, sB_2,
                           TWO_LEVEL, SHARED_BC, COMPUTE)
-            tg = _seq_offsets(t, L2, sg_1, sg_2, TWO_LEVEL)
-            gout = tl.load(dout_ptr + row_g[:, None] + tg[None, :], mask=mask2, other=0.0).to(COMPUTE)
+            C3 = _load_bc(C_ptr, C_base, t, row_ok, t_ok, offs_n, n_ok, L2, sC_n, sC_1, sC_2,
+                          TWO_LEVEL, SHARED_BC, COMPUTE)
+            a = tl.exp(dt[:, None, :] * A3)
+            bx = (dt * uu)[:, None, :] * B3
+            hs = _block_states(a, bx, h_in, REVERSE, BLOCK_T)  # recomputed from the block's checkpoint
+            gy = _load_seq(dout_ptr, row_g, t, mask2, L2, sg_1, sg_2, TWO_LEVEL, COMPUTE)
             out_off = rows[:, None] * L + t[None, :]
             if HAS_Z:
                 y = tl.sum(C3 * hs, axis=1)
                 if HAS_D:
                     y = y + Dv[:, None] * uu
-                tz = _seq_offsets(t, L2, sz_1, sz_2, TWO_LEVEL)
-                zz = tl.load(z_ptr + row_z[:, None] + tz[None, :], mask=mask2, other=0.0).to(COMPUTE)
+                zz = _load_seq(z_ptr, row_z, t, mask2, L2, sz_1, sz_2, TWO_LEVEL, COMPUTE)
                 sig_z = tl.sigmoid(zz)
-                gy = gout * zz * sig_z
-                dzz = gout * y * sig_z * (1.0 + zz * (1.0 - sig_z))
-                tl.store(dz_ptr + out_off, dzz, mask=mask2)
-            else:
-                gy = gout
-            # Adjoint of the state after each step, G_s, with the gradient from later blocks folded
-            # into the block's last step in scan order.
-            inject = gy[:, None, :] * C3 + tl.where(grad_in_pos[None, None, :], carry[:, :, None], 0.0)
-            _, _, Gs = tl.associative_scan((a, ones, inject), axis=2, combine_fn=_combine_adjoint,
-                                           reverse=not REVERSE)
+                tl.store(dz_ptr + out_off, gy * y * sig_z * (1.0 + zz * (1.0 - sig_z)), mask=mask2)
+                gy = gy * zz * sig_z
+            gs, carry = _block_adjoint(a, gy[:, None, :] * C3, carry, ones, REVERSE, BLOCK_T)
             dC = gy[:, None, :] * hs
-            dB = Gs * (dt * uu)[:, None, :]
-            GB = tl.sum(Gs * B3, axis=1)
-            decayed = Gs * (hs - bx)  # G_s * a_s * h_{s-1}: gradient w.r.t. log(a_s)
-            du = GB * dt
+            dB = gs * (dt * uu)[:, None, :]
+            gB = tl.sum(gs * B3, axis=1)
+            decayed = gs * (hs - bx)  # G_s * a_s * h_{s-1} (no previous state needed): d/d log(a_s)
+            du = gB * dt
             if HAS_D:
                 du = du + gy * Dv[:, None]
                 dD_acc += tl.sum(gy * uu, axis=1)
-            ddt = GB * uu + tl.sum(decayed * A3, axis=1)
+            ddt = gB * uu + tl.sum(decayed * A3, axis=1)
             dA_acc += tl.sum(decayed * dt[:, None, :], axis=2)
             if SOFTPLUS:
                 ddt = ddt * tl.where(x > 20.0, 1.0, tl.sigmoid(x))
@@ -375,7 +545,6 @@ if triton is not None:
             dbias_acc += tl.sum(ddt, axis=1)
             tl.store(du_ptr + out_off, du, mask=mask2)
             tl.store(ddl_ptr + out_off, ddt, mask=mask2)
-            carry = tl.sum(tl.where(grad_out_pos[None, None, :], a * Gs, 0.0), axis=2)
             if SHARED_BC:
                 dB2 = tl.sum(dB, axis=0)
                 dC2 = tl.sum(dC, axis=0)
@@ -396,10 +565,11 @@ if triton is not None:
                 else:
                     tl.store(dB_ptr + bc_off, dB, mask=bc_mask)
                     tl.store(dC_ptr + bc_off, dC, mask=bc_mask)
-        tl.store(dh0_ptr + rows[:, None] * N + offs_n[None, :], carry, mask=rn_mask)
-        tl.store(dA_ptr + rows[:, None] * N + offs_n[None, :], dA_acc, mask=rn_mask)
-        tl.store(dD_ptr + rows, dD_acc, mask=row_ok)
-        tl.store(dbias_ptr + rows, dbias_acc, mask=row_ok)
+        tl.store(dh0_ptr + rows[:, None] * N + offs_n[None, :], carry, mask=rn_mask & (seg == 0))
+        part = rows * n_segs + seg  # per (row, segment) partials, summed on the host
+        tl.store(dA_ptr + part[:, None] * N + offs_n[None, :], dA_acc, mask=rn_mask)
+        tl.store(dD_ptr + part, dD_acc, mask=row_ok)
+        tl.store(dbias_ptr + part, dbias_acc, mask=row_ok)
 
     # The interpreter is chosen when the kernels are decorated (import time of this module).
     _INTERPRETED = type(_scan_fwd_kernel).__name__ == "InterpretedFunction"
@@ -430,15 +600,15 @@ def unavailable_reason(device) -> Optional[str]:
     return f"the triton backend runs on CUDA (or CPU with TRITON_INTERPRET=1), not on {device.type!r} tensors"
 
 
+def _next_power_of_2(n: int) -> int:
+    return 1 << (int(n) - 1).bit_length() if n > 1 else 1
+
+
 def _block_t(seqlen: int) -> int:
     chunk = int(CHUNK_SIZE)
     if chunk < 1 or chunk & (chunk - 1):
         raise ValueError(f"triton_backend.CHUNK_SIZE must be a power of two, got {CHUNK_SIZE!r}")
     return max(1, min(chunk, _next_power_of_2(max(int(seqlen), 1))))
-
-
-def _next_power_of_2(n: int) -> int:
-    return 1 << (int(n) - 1).bit_length() if n > 1 else 1
 
 
 def saved_shape(batch: int, dim: int, seqlen: int, d_state: int) -> Tuple[int, ...]:
@@ -451,8 +621,6 @@ def _seq_strides(x: torch.Tensor, lead: int, Ls: Sequence[int]) -> Tuple[int, in
     """(outer stride, inner stride, needs two levels) of the sequence axes starting at ``lead``."""
     if len(Ls) == 1:
         return 0, x.stride(lead), False
-    if len(Ls) != 2:
-        raise ValueError(f"triton backend: sequences must have 1 or 2 axes (Ls), got {tuple(Ls)}")
     L1, L2 = Ls
     s1, s2 = x.stride(lead), x.stride(lead + 1)
     if L2 == 1:
@@ -494,6 +662,21 @@ def _pick_block_rows(n_rows: int, dim_per_group: int, block_n: int, block_t: int
     return block_rows
 
 
+def _pick_segments(n_tiles: int, n_blocks: int, device: torch.device) -> Tuple[int, int]:
+    """(segments, blocks per segment): split L across programs when row tiles alone cannot fill the GPU."""
+    if SEGMENTS is not None:
+        wanted = max(1, int(SEGMENTS))
+    elif _INTERPRETED:
+        wanted = 1
+    else:
+        target = 4 * _num_sms(device)
+        # Each segment costs an extra summary pass over its inputs; keep segments >= 2 blocks long.
+        wanted = 1 if n_tiles >= target else min(-(-target // n_tiles), n_blocks // 2)
+    wanted = max(1, min(wanted, n_blocks, 65535))
+    blocks_per_seg = -(-n_blocks // wanted)
+    return -(-n_blocks // blocks_per_seg), blocks_per_seg
+
+
 def _num_warps(elements: int) -> int:
     return max(1, min(8, elements // 256))
 
@@ -511,17 +694,18 @@ def _small(x: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tens
 
 
 class _Geometry:
-    """Shapes, strides and tiling shared by the forward and backward launches."""
+    """Shapes, strides and tiling of one launch (forward and backward tile independently)."""
 
     def __init__(self, u, B, A, backward: bool):
         self.batch, self.dim = u.shape[0], u.shape[1]
         self.Ls = tuple(u.shape[2:])
         if len(self.Ls) not in (1, 2):
-            raise ValueError(f"triton backend: u must be (batch, dim, L) or (batch, dim, L1, L2), got {tuple(u.shape)}")
+            raise ValueError("triton backend: u must be (batch, dim, L) or (batch, dim, L1, L2), "
+                             f"got {tuple(u.shape)}")
         self.L = math.prod(self.Ls)
         self.L2 = self.Ls[-1]
         self.G, self.N = B.shape[1], B.shape[2]
-        if A.shape != (self.dim, self.N):
+        if tuple(A.shape) != (self.dim, self.N):
             raise ValueError(f"triton backend: A must be (dim, N) = {(self.dim, self.N)}, got {tuple(A.shape)}")
         self.dim_per_group = self.dim // self.G
         self.n_rows = self.batch * self.dim
@@ -532,29 +716,46 @@ class _Geometry:
                                            u.device, backward)
         self.shared_bc = self.dim_per_group % self.block_rows == 0
         self.n_tiles = -(-self.n_rows // self.block_rows)
-        self.num_warps = _num_warps(self.block_rows * self.block_n * self.block_t)
+        self.n_segs, self.blocks_per_seg = _pick_segments(self.n_tiles, self.n_blocks, u.device)
+        self.num_warps = _num_warps((2 if backward else 1) * self.block_rows * self.block_n * self.block_t)
         self.two_level = False
 
-    def seq(self, x: torch.Tensor, lead: int) -> Tuple[int, int]:
+    @property
+    def grid(self):
+        return (self.n_tiles, self.n_segs)
+
+    def _seq(self, x: torch.Tensor, lead: int) -> Tuple[int, int]:
         s1, s2, two = _seq_strides(x, lead, self.Ls)
         self.two_level |= two
         return s1, s2
 
     def bc_strides(self, x: torch.Tensor) -> list:
-        s1, s2 = self.seq(x, 3)
-        return [x.stride(0), x.stride(1), x.stride(2), s1, s2]
+        return [x.stride(0), x.stride(1), x.stride(2), *self._seq(x, 3)]
 
     def seq_strides(self, x: Optional[torch.Tensor]) -> list:
         if x is None:
             return [0, 0, 0, 0]
-        s1, s2 = self.seq(x, 2)
-        return [x.stride(0), x.stride(1), s1, s2]
+        return [x.stride(0), x.stride(1), *self._seq(x, 2)]
+
+    def constexprs(self, **flags):
+        return dict(BLOCK_ROWS=self.block_rows, BLOCK_N=self.block_n, BLOCK_T=self.block_t,
+                    SHARED_BC=self.shared_bc, TWO_LEVEL=self.two_level, num_warps=self.num_warps, **flags)
 
 
 def _check_ready(u: torch.Tensor) -> None:
     reason = unavailable_reason(u.device)
     if reason is not None:
         raise RuntimeError(f"triton selective-scan backend unavailable: {reason}")
+
+
+def _combine_segments(geo: _Geometry, start, loc, sdt, A_c, backward: bool, compute):
+    out = torch.empty_like(loc)
+    block_rows = max(1, min(128, _next_power_of_2(geo.n_rows)))
+    _combine_segments_kernel[(-(-geo.n_rows // block_rows),)](
+        start if start is not None else A_c, loc, sdt, A_c, out, geo.n_rows, geo.dim, geo.N, geo.n_segs,
+        BLOCK_ROWS=block_rows, BLOCK_N=geo.block_n, HAS_START=start is not None, BACKWARD=backward,
+        COMPUTE=compute, num_warps=_num_warps(block_rows * geo.block_n))
+    return out
 
 
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus: bool, reverse: bool):
@@ -566,37 +767,48 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softp
     (float64 for float64 inputs), saved (batch, dim, n_blocks, N) in the same dtype as last_state.
     """
     _check_ready(u)
-    acc_dtype, tl_compute = _compute_dtype(u)
+    acc_dtype, compute = _compute_dtype(u)
     geo = _Geometry(u, B, A, backward=False)
     batch, dim, N = geo.batch, geo.dim, geo.N
     out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
     last_state = torch.empty((batch, dim, N), dtype=acc_dtype, device=u.device)
     saved = torch.empty((batch, dim, geo.n_blocks, N), dtype=acc_dtype, device=u.device)
     if geo.n_rows == 0 or geo.L == 0 or N == 0:
+        out.zero_()
+        saved.zero_()
         if initial_state is not None:
             last_state.copy_(initial_state)
         else:
             last_state.zero_()
-        out.zero_()
         return out, last_state, saved
     A_c = _small(A, acc_dtype)
     D_c = _small(D, acc_dtype)
     bias_c = _small(delta_bias, acc_dtype)
     h0 = _small(initial_state, acc_dtype)
-    strides = (geo.seq_strides(u) + geo.seq_strides(delta) + geo.seq_strides(z)
-               + geo.bc_strides(B) + geo.bc_strides(C))
-    _scan_fwd_kernel[(geo.n_tiles,)](
+    u_st, dl_st, z_st = geo.seq_strides(u), geo.seq_strides(delta), geo.seq_strides(z)
+    B_st, C_st = geo.bc_strides(B), geo.bc_strides(C)
+    sizes = (geo.n_rows, dim, geo.dim_per_group, geo.L, geo.L2, N, geo.n_blocks, geo.blocks_per_seg, geo.n_segs)
+    hstart = None
+    if geo.n_segs > 1:
+        # Segment-parallel: zero-entry summaries of all but the last segment, a sequential combine over
+        # segments, then every segment runs from its true entering state.
+        hloc = torch.zeros((batch, dim, geo.n_segs, N), dtype=acc_dtype, device=u.device)
+        sdt = torch.zeros((batch, dim, geo.n_segs), dtype=acc_dtype, device=u.device)
+        _fwd_summary_kernel[(geo.n_tiles, geo.n_segs - 1)](
+            u, delta, A_c, B, bias_c if bias_c is not None else A_c, hloc, sdt, *sizes,
+            *u_st, *dl_st, *B_st,
+            **geo.constexprs(REVERSE=bool(reverse), HAS_BIAS=delta_bias is not None,
+                             SOFTPLUS=bool(delta_softplus), COMPUTE=compute))
+        hstart = _combine_segments(geo, h0, hloc, sdt, A_c, backward=False, compute=compute)
+    _scan_fwd_kernel[geo.grid](
         u, delta, z if z is not None else u, A_c, B, C,
-        D_c if D_c is not None else A_c, bias_c if bias_c is not None else A_c, h0 if h0 is not None else A_c,
-        out, last_state, saved,
-        geo.n_rows, dim, geo.dim_per_group, geo.L, geo.L2, N, geo.n_blocks,
-        *strides,
-        BLOCK_ROWS=geo.block_rows, BLOCK_N=geo.block_n, BLOCK_T=geo.block_t,
-        SHARED_BC=geo.shared_bc, TWO_LEVEL=geo.two_level, REVERSE=bool(reverse),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        HAS_H0=initial_state is not None, SOFTPLUS=bool(delta_softplus), COMPUTE=tl_compute,
-        num_warps=geo.num_warps,
-    )
+        D_c if D_c is not None else A_c, bias_c if bias_c is not None else A_c,
+        h0 if h0 is not None else A_c, hstart if hstart is not None else A_c,
+        out, last_state, saved, *sizes,
+        *u_st, *dl_st, *z_st, *B_st, *C_st,
+        **geo.constexprs(REVERSE=bool(reverse), SPLIT=geo.n_segs > 1, HAS_D=D is not None,
+                         HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                         HAS_H0=initial_state is not None, SOFTPLUS=bool(delta_softplus), COMPUTE=compute))
     return out, last_state, saved
 
 
@@ -626,7 +838,7 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initia
     None for inputs that were None.
     """
     _check_ready(u)
-    acc_dtype, tl_compute = _compute_dtype(u)
+    acc_dtype, compute = _compute_dtype(u)
     geo = _Geometry(u, B, A, backward=True)
     batch, dim, N, G, L = geo.batch, geo.dim, geo.N, geo.G, geo.L
     expected = saved_shape(batch, dim, L, N)
@@ -637,36 +849,48 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initia
     du = torch.empty(u.shape, dtype=u.dtype, device=device)
     ddelta = torch.empty(u.shape, dtype=u.dtype, device=device)
     dz = torch.empty(u.shape, dtype=u.dtype, device=device) if z is not None else None
-    dA_rows = torch.zeros((batch, dim, N), dtype=acc_dtype, device=device)
-    dD_rows = torch.zeros((batch, dim), dtype=acc_dtype, device=device)
-    dbias_rows = torch.zeros((batch, dim), dtype=acc_dtype, device=device)
+    S = geo.n_segs
+    dA_part = torch.zeros((batch, dim, S, N), dtype=acc_dtype, device=device)
+    dD_part = torch.zeros((batch, dim, S), dtype=acc_dtype, device=device)
+    dbias_part = torch.zeros((batch, dim, S), dtype=acc_dtype, device=device)
     dh0 = torch.zeros((batch, dim, N), dtype=acc_dtype, device=device)
     partials, atomic, slots = _bc_reduction(geo)
     bc_shape = (batch, G, slots, N, L)
-    bc_alloc = torch.zeros if atomic else torch.empty
-    dB_buf = bc_alloc(bc_shape, dtype=acc_dtype, device=device)
-    dC_buf = bc_alloc(bc_shape, dtype=acc_dtype, device=device)
+    dB_buf = torch.zeros(bc_shape, dtype=acc_dtype, device=device)
+    dC_buf = torch.zeros(bc_shape, dtype=acc_dtype, device=device)
     if geo.n_rows and L and N:
         A_c = _small(A, acc_dtype)
         D_c = _small(D, acc_dtype)
         bias_c = _small(delta_bias, acc_dtype)
         dlast = _small(dlast_state, acc_dtype)
         saved_c = saved.to(acc_dtype).contiguous()
-        strides = (geo.seq_strides(dout) + geo.seq_strides(u) + geo.seq_strides(delta) + geo.seq_strides(z)
-                   + geo.bc_strides(B) + geo.bc_strides(C))
-        _scan_bwd_kernel[(geo.n_tiles,)](
-            dout, dlast if dlast is not None else A_c, u, delta, z if z is not None else u, A_c, B, C,
+        g_st, u_st, dl_st, z_st = (geo.seq_strides(dout), geo.seq_strides(u), geo.seq_strides(delta),
+                                   geo.seq_strides(z))
+        B_st, C_st = geo.bc_strides(B), geo.bc_strides(C)
+        cend = None
+        if S > 1:
+            # Adjoints leaving every segment: zero-exit summaries of all but the first segment, then a
+            # sequential combine over segments in reverse scan order.
+            gloc = torch.zeros((batch, dim, S, N), dtype=acc_dtype, device=device)
+            sdt = torch.zeros((batch, dim, S), dtype=acc_dtype, device=device)
+            _bwd_summary_kernel[(geo.n_tiles, S - 1)](
+                dout, delta, z if z is not None else u, A_c, C, bias_c if bias_c is not None else A_c, gloc, sdt,
+                geo.n_rows, dim, geo.dim_per_group, L, geo.L2, N, geo.n_blocks, geo.blocks_per_seg, S, 1,
+                *g_st, *dl_st, *z_st, *C_st,
+                **geo.constexprs(REVERSE=bool(reverse), HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                                 SOFTPLUS=bool(delta_softplus), COMPUTE=compute))
+            cend = _combine_segments(geo, dlast, gloc, sdt, A_c, backward=True, compute=compute)
+        _scan_bwd_kernel[geo.grid](
+            dout, dlast if dlast is not None else A_c, cend if cend is not None else A_c,
+            u, delta, z if z is not None else u, A_c, B, C,
             D_c if D_c is not None else A_c, bias_c if bias_c is not None else A_c, saved_c,
-            du, ddelta, dz if dz is not None else du, dB_buf, dC_buf, dA_rows, dD_rows, dbias_rows, dh0,
-            geo.n_rows, dim, geo.dim_per_group, G, L, geo.L2, N, geo.n_blocks,
-            *strides,
-            BLOCK_ROWS=geo.block_rows, BLOCK_N=geo.block_n, BLOCK_T=geo.block_t,
-            SHARED_BC=geo.shared_bc, BC_PARTIALS=partials, BC_ATOMIC=atomic,
-            TWO_LEVEL=geo.two_level, REVERSE=bool(reverse),
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            HAS_DLAST=dlast_state is not None, SOFTPLUS=bool(delta_softplus), COMPUTE=tl_compute,
-            num_warps=_num_warps(2 * geo.block_rows * geo.block_n * geo.block_t),
-        )
+            du, ddelta, dz if dz is not None else du, dB_buf, dC_buf, dA_part, dD_part, dbias_part, dh0,
+            geo.n_rows, dim, geo.dim_per_group, G, L, geo.L2, N, geo.n_blocks, geo.blocks_per_seg, S,
+            *g_st, *u_st, *dl_st, *z_st, *B_st, *C_st,
+            **geo.constexprs(BC_PARTIALS=partials, BC_ATOMIC=atomic, REVERSE=bool(reverse), SPLIT=S > 1,
+                             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                             HAS_DLAST=dlast_state is not None, SOFTPLUS=bool(delta_softplus),
+                             COMPUTE=compute))
     else:
         du.zero_()
         ddelta.zero_()
@@ -674,15 +898,11 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initia
             dz.zero_()
         if dlast_state is not None:
             dh0.copy_(dlast_state)
-        dB_buf.zero_()
-        dC_buf.zero_()
-    dB = dB_buf.sum(2) if slots > 1 else dB_buf.squeeze(2)
-    dC = dC_buf.sum(2) if slots > 1 else dC_buf.squeeze(2)
     bc_full = (batch, G, N) + geo.Ls
-    dB = dB.reshape(bc_full).to(B.dtype)
-    dC = dC.reshape(bc_full).to(C.dtype)
-    dA = dA_rows.sum(0)
-    dD = dD_rows.sum(0) if D is not None else None
-    ddelta_bias = dbias_rows.sum(0) if delta_bias is not None else None
+    dB = (dB_buf.sum(2) if slots > 1 else dB_buf.squeeze(2)).reshape(bc_full).to(B.dtype)
+    dC = (dC_buf.sum(2) if slots > 1 else dC_buf.squeeze(2)).reshape(bc_full).to(C.dtype)
+    dA = dA_part.sum((0, 2))
+    dD = dD_part.sum((0, 2)) if D is not None else None
+    ddelta_bias = dbias_part.sum((0, 2)) if delta_bias is not None else None
     dinitial_state = dh0 if initial_state is not None else None
     return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state

@@ -28,17 +28,18 @@ GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_stat
 
 DEFAULTS = dict(batch=2, dim=4, groups=1, N=4, Ls=(7,), D=False, z=False, bias=False, softplus=False,
                 reverse=False, h0=False, dlast=False, layout="contiguous", dtype=torch.float32,
-                bc_dtype=None, chunk=8, block_rows=None, bc="auto", delta_scale=0.5, delta_shift=0.0,
+                bc_dtype=None, chunk=8, block_rows=None, bc="auto", segments=None, delta_scale=0.5, delta_shift=0.0,
                 A_scale=1.0)
 
 
 @pytest.fixture
 def settings(monkeypatch):
     """Lets a case shrink the time block / force the tiling; restored after the test."""
-    def apply(chunk, block_rows, bc):
+    def apply(chunk, block_rows, bc, segments=None):
         monkeypatch.setattr(tb, "CHUNK_SIZE", chunk)
         monkeypatch.setattr(tb, "BLOCK_ROWS", block_rows)
         monkeypatch.setattr(tb, "BC_GRAD_REDUCTION", bc)
+        monkeypatch.setattr(tb, "SEGMENTS", segments)
     return apply
 
 
@@ -146,7 +147,7 @@ def assert_close(name, actual, expected, dtype):
 
 def check_case(settings, seed=0, **overrides):
     cfg, inputs, dout, dlast = make_case(seed, **overrides)
-    settings(cfg["chunk"], cfg["block_rows"], cfg["bc"])
+    settings(cfg["chunk"], cfg["block_rows"], cfg["bc"], cfg["segments"])
     x, out, last, grads = run_backend(cfg, inputs, dout, dlast)
     ref_out, ref_last, ref_grads = run_reference(cfg, inputs, dout, dlast)
     dtype = cfg["dtype"]
@@ -190,6 +191,9 @@ SWEEP = {
     "bc_atomic_shared_tiles": dict(dim=8, block_rows=2, bc="atomic", reverse=True, **ALL),
     "bc_atomic_gather_tiles": dict(dim=6, groups=2, block_rows=4, Ls=(9,), **ALL),
     "tile_spans_batches": dict(batch=3, dim=2, block_rows=4, Ls=(9,), **ALL),
+    # Segment-parallel mode (few rows, long L): 9 blocks in 3 segments; 2-D reverse with an uneven split.
+    "segments_3": dict(Ls=(65,), segments=3, **ALL),
+    "segments_2d_reverse_groups": dict(Ls=(7, 9), groups=2, layout="col_major_2d", segments=4, reverse=True, **ALL),
     "float64": dict(dtype=torch.float64, Ls=(65,), chunk=16, groups=2, **ALL),
     "float16": dict(dtype=torch.float16, Ls=(65,), chunk=16, **ALL),
     "bfloat16_bc_float32": dict(dtype=torch.bfloat16, bc_dtype=torch.float32, Ls=(33,), reverse=True, **ALL),
