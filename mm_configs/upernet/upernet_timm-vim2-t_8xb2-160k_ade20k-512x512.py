@@ -18,6 +18,9 @@ model = dict(
         type='mmpretrain.TIMMBackbone',
         model_name='vim2_tiny',
         features_only=True,
+        # 'getter' = timm's wrapper around ViM2.forward_intermediates, which returns NCHW maps
+        # (timm's default hook-based wrapper would return ViM2's channels-last NHWC stage outputs).
+        feature_cls='getter',
         out_indices=(0, 1, 2, 3),
         pretrained=True,
         pretrained_cfg_overlay=dict(file=checkpoint_file),

@@ -13,6 +13,8 @@ import copy
 import inspect
 import os
 import os.path as osp
+import pickle
+import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import urlparse
 
@@ -80,14 +82,36 @@ def _unwrap_state_dict(checkpoint: Any, source: str) -> Dict[str, torch.Tensor]:
     return state_dict
 
 
-def read_checkpoint_state_dict(checkpoint: str, map_location: str = "cpu") -> Dict[str, torch.Tensor]:
+def _load_pickled(checkpoint: str, map_location: str, trust_pickle: bool) -> Any:
+    """torch-pickled checkpoint via mmengine's CheckpointLoader (or torch with ``trust_pickle``)."""
+    if trust_pickle and (_is_url(checkpoint) or not urlparse(checkpoint).scheme):
+        if _is_url(checkpoint):
+            return torch.hub.load_state_dict_from_url(checkpoint, map_location=map_location, weights_only=False)
+        return torch.load(checkpoint, map_location=map_location, weights_only=False)
+    try:
+        return CheckpointLoader.load_checkpoint(checkpoint, map_location=map_location)
+    except pickle.UnpicklingError as err:
+        if "weights_only" not in str(err):
+            raise
+        raise ValueError(
+            f"checkpoint {checkpoint!r} holds pickled Python objects besides tensors (an mmengine training "
+            "checkpoint keeps its message hub and optimizer state), which torch >= 2.6 refuses to load "
+            "with weights_only=True. If you trust the file, add trust_pickle=True to the backbone's "
+            "init_cfg (or set TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1).") from err
+
+
+def read_checkpoint_state_dict(checkpoint: str, map_location: str = "cpu",
+                               trust_pickle: bool = False) -> Dict[str, torch.Tensor]:
     """Reads the state dict of a checkpoint given as a local path, a directory or a URL.
 
     ``.safetensors`` files are read with :func:`safetensors.torch.load_file` (URLs are downloaded
     once into torch.hub's cache); anything else goes through mmengine's
     :class:`~mmengine.runner.CheckpointLoader` (local files, ``http(s)://``, ``open-mmlab://``,
-    ``torchvision://``, ...). A directory must contain one of ``model.safetensors``,
-    ``pytorch_model.bin`` or ``model.pth`` (``vim2-export`` writes ``model.safetensors``).
+    ``torchvision://``, ...), which loads with torch's default ``weights_only=True``;
+    ``trust_pickle=True`` allows arbitrary pickled objects (full mmengine training checkpoints) for
+    local files and http(s) URLs. A directory must contain one of ``model.safetensors``,
+    ``pytorch_model.bin`` or ``model.pth`` (``vim2-export`` writes ``model.safetensors`` and records
+    its sha256, which is verified first).
 
     Returns:
         ``{name: tensor}`` on ``map_location``, unwrapped from ``state_dict``/``model`` keys and
@@ -96,9 +120,9 @@ def read_checkpoint_state_dict(checkpoint: str, map_location: str = "cpu") -> Di
     if not isinstance(checkpoint, (str, os.PathLike)):
         raise TypeError(f"init_cfg checkpoint must be a path or URL string, got {type(checkpoint).__name__}")
     checkpoint = os.fspath(checkpoint)
-    scheme = urlparse(checkpoint).scheme
-    is_local = scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt")  # Windows drive letters
-    if is_local:
+    if checkpoint.startswith("file://"):
+        checkpoint = urlparse(checkpoint).path
+    if not urlparse(checkpoint).scheme or osp.exists(checkpoint):  # osp.exists: Windows drive letters
         checkpoint = osp.expanduser(checkpoint)
         if osp.isdir(checkpoint):
             found = [osp.join(checkpoint, n) for n in CHECKPOINT_FILES_IN_DIR if osp.isfile(osp.join(checkpoint, n))]
@@ -121,7 +145,7 @@ def read_checkpoint_state_dict(checkpoint: str, map_location: str = "cpu") -> Di
         local = _cached_download(checkpoint) if _is_url(checkpoint) else checkpoint
         loaded: Any = load_file(local, device=str(map_location))
     else:
-        loaded = CheckpointLoader.load_checkpoint(checkpoint, map_location=map_location)
+        loaded = _load_pickled(checkpoint, str(map_location), trust_pickle)
     return _unwrap_state_dict(loaded, checkpoint)
 
 
@@ -153,7 +177,8 @@ class ViM2Backbone(BaseModule):
         init_cfg: OpenMMLab init config. ``dict(type='Pretrained', checkpoint=PATH_OR_URL)`` loads
             a timm-format ViM2 checkpoint (a classifier's state dict, ``.safetensors`` or ``.pth``,
             or a ``vim2-export`` directory) or an mm-format one (keys under ``backbone.``, e.g. a
-            detector trained with this backbone); optional ``prefix`` selects the sub-dict to use.
+            detector trained with this backbone); optional ``prefix`` selects the sub-dict to use,
+            ``trust_pickle=True`` reads full mmengine training checkpoints (pickled objects).
             The checkpoint must match the architecture (an error names the mismatching keys).
 
     Input: images ``(B, 3, H, W)``. Output: tuple of ``(B, C_i, H / s_i, W / s_i)`` float maps for
@@ -191,7 +216,9 @@ class ViM2Backbone(BaseModule):
         self.out_strides = [int(self.vim2.feature_info[i]["reduction"]) for i in self.out_indices]
         self._prune_unused(max(self.out_indices))
 
-        norm_cfg = dict(norm_cfg) if norm_cfg is not None else dict(type="LN", eps=1e-6)
+        # Default: the LayerNorm ViM2 itself uses (eps 1e-5), so the classifier's final norm can
+        # initialise the last output's norm.
+        norm_cfg = dict(norm_cfg) if norm_cfg is not None else dict(type="LN")
         self.norm_cfg = norm_cfg
         # out_norms[k] normalises the output of stage out_indices[k].
         self.out_norms = nn.ModuleList(build_norm_layer(norm_cfg, c)[1] for c in self.out_channels)
@@ -307,10 +334,16 @@ class ViM2Backbone(BaseModule):
             cfg = pretrained[0]
             if cfg.get("checkpoint") is None:
                 raise ValueError(f"init_cfg {dict(cfg)} has no checkpoint. {HOW_TO_GET_WEIGHTS}")
+            unknown = sorted(set(cfg) - {"type", "checkpoint", "prefix", "map_location", "trust_pickle"})
+            if unknown:
+                raise ValueError(f"init_cfg Pretrained entry has unknown keys {unknown}; accepted: "
+                                 "checkpoint, prefix, map_location, trust_pickle")
             self.load_checkpoint(cfg["checkpoint"], prefix=cfg.get("prefix"),
-                                 map_location=cfg.get("map_location", "cpu"))
+                                 map_location=cfg.get("map_location", "cpu"),
+                                 trust_pickle=bool(cfg.get("trust_pickle", False)))
 
-    def load_checkpoint(self, checkpoint: str, prefix: Optional[str] = None, map_location: str = "cpu") -> str:
+    def load_checkpoint(self, checkpoint: str, prefix: Optional[str] = None, map_location: str = "cpu",
+                        trust_pickle: bool = False) -> str:
         """Loads ViM2 weights from a checkpoint path/URL/directory; returns the detected format.
 
         Accepted layouts (detected from the keys):
@@ -328,7 +361,7 @@ class ViM2Backbone(BaseModule):
             ValueError: the checkpoint is not a ViM2 checkpoint of this architecture; the message
                 lists the missing, unexpected and shape-mismatched keys.
         """
-        state_dict = read_checkpoint_state_dict(checkpoint, map_location=map_location)
+        state_dict = read_checkpoint_state_dict(checkpoint, map_location=map_location, trust_pickle=trust_pickle)
         if prefix:
             selected = _strip_prefix(state_dict, prefix)
             if not selected:
@@ -338,8 +371,10 @@ class ViM2Backbone(BaseModule):
             state_dict = _strip_prefix(state_dict, "backbone.")
         if any(k.startswith("timm_model.") for k in state_dict):  # mmpretrain.TIMMBackbone
             state_dict = _strip_prefix(state_dict, "timm_model.")
-            if all(k.startswith("model.") for k in state_dict):  # timm's features_only wrapper
+            if all(k.startswith("model.") for k in state_dict):  # timm's features_only 'getter' wrapper
                 state_dict = _strip_prefix(state_dict, "model.")
+            # timm's default features_only wrapper flattens 'stages.0' into 'stages_0'
+            state_dict = {re.sub(r"^stages_(\d+)\.", r"stages.\1.", k): v for k, v in state_dict.items()}
 
         if any(k.startswith(("vim2.", "out_norms.")) for k in state_dict):
             layout = "mm"
@@ -348,34 +383,44 @@ class ViM2Backbone(BaseModule):
             extra = [k for k in state_dict if not k.startswith(("vim2.", "out_norms."))]
         else:
             layout = "timm"
-            body = self._filter_timm_state_dict(state_dict)
+            body, final_norm = self._split_timm_state_dict(state_dict)
             out_norms = {}
             extra = []
         self._load_body(body, checkpoint, layout, extra)
-        self._load_out_norms(out_norms, checkpoint)
+        if layout == "mm":
+            self._load_out_norms(out_norms, checkpoint)
+        else:
+            self._load_final_norm(final_norm)
         print_log(f"ViM2 backbone: loaded {len(body)} tensors from {checkpoint} ({layout} format)",
                   logger="current")
         return layout
 
-    def _filter_timm_state_dict(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """timm classifier keys -> this backbone's ``vim2`` keys; may fill the last output norm."""
+    def _split_timm_state_dict(
+            self, state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+        """timm classifier keys -> (this backbone's ``vim2`` keys, the final norm's tensors)."""
         state_dict = vim2_models.checkpoint_filter_fn(state_dict, self.vim2)
-        body = {}
-        final_norm = {}
+        body: Dict[str, torch.Tensor] = {}
+        final_norm: Dict[str, torch.Tensor] = {}
         for key, value in state_dict.items():
-            if key.startswith("head.") or key.startswith("head_"):
+            if key.startswith("head."):
                 continue
             if key.startswith("norm."):
                 final_norm[key[len("norm."):]] = value
                 continue
             body[key] = value
+        return body, final_norm
+
+    def _load_final_norm(self, final_norm: Dict[str, torch.Tensor]) -> bool:
+        """The classifier's final norm follows the last stage: reuse it for that stage's output."""
         last_stage = self.num_stages - 1
-        if final_norm and last_stage in self.out_indices:
-            norm = self.out_norms[self.out_indices.index(last_stage)]
-            own = norm.state_dict()
-            if set(own) == set(final_norm) and all(own[k].shape == final_norm[k].shape for k in own):
-                norm.load_state_dict(final_norm)
-        return body
+        if not final_norm or last_stage not in self.out_indices:
+            return False
+        norm = self.out_norms[self.out_indices.index(last_stage)]
+        own = norm.state_dict()
+        if set(own) != set(final_norm) or any(own[k].shape != final_norm[k].shape for k in own):
+            return False  # e.g. a non-LayerNorm norm_cfg
+        norm.load_state_dict(final_norm)
+        return True
 
     def _load_body(self, body: Dict[str, torch.Tensor], source: str, layout: str, extra: List[str]) -> None:
         expected = self.vim2.state_dict()
