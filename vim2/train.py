@@ -295,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--output", default=None, help="output directory (default: runs/<model>-<dataset>)")
     group.add_argument("--resume", default=None,
                        help="checkpoint to continue from, or 'auto' for <output>/last.pth.tar if it exists")
+    group.add_argument("--stop-after", type=int, default=None, metavar="N",
+                       help="stop after N epochs of this run (split a long run; --resume continues it)")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     group.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
@@ -308,6 +310,8 @@ def _check_args(args: argparse.Namespace) -> None:
     for name in ("epochs", "batch_size", "img_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ValueError(f"--stop-after: expected a positive integer, got {args.stop_after}")
     if args.workers < 0:
         raise ValueError(f"--workers: expected >= 0, got {args.workers}")
     if args.model_kwargs is not None and not isinstance(args.model_kwargs, dict):
@@ -406,7 +410,11 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     run_start = time.perf_counter()
     num_updates = start_epoch * updates_per_epoch
     val_metrics: Dict[str, float] = history[-1]["val"] if history else {}
-    for epoch in range(start_epoch, num_epochs):
+    end_epoch = num_epochs if args.stop_after is None else min(num_epochs, start_epoch + args.stop_after)
+    if start_epoch >= end_epoch:
+        raise ValueError(f"--epochs {args.epochs}: nothing to train, the checkpoint already finished "
+                         f"{start_epoch} epochs")
+    for epoch in range(start_epoch, end_epoch):
         epoch_start = time.perf_counter()
         model.train()
         loss_meter = timm.utils.AverageMeter()
@@ -468,14 +476,11 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         if improved:
             _save_atomic(checkpoint, output / CHECKPOINT_BEST)
 
-    if not history:
-        raise ValueError(f"--epochs {args.epochs}: nothing to train, the checkpoint already finished "
-                         f"{start_epoch} epochs")
     final = evaluate(model, val_loader, device, amp_dtype, args.channels_last)
     metrics = {
         "model": args.model, "model_kwargs": model_kwargs, "params": n_params, "dataset": dataset_name,
         "num_train": len(train_set), "num_val": len(val_set), "num_classes": len(classes),
-        "img_size": args.img_size, "epochs": num_epochs, "device": str(device),
+        "img_size": args.img_size, "epochs": num_epochs, "epochs_done": end_epoch, "device": str(device),
         "amp": str(amp_dtype) if amp_dtype else "fp32", "threads": torch.get_num_threads(),
         "final_val_top1": final["top1"], "final_val_loss": final["loss"],
         "best_val_top1": best_top1, "best_epoch": best_epoch,
