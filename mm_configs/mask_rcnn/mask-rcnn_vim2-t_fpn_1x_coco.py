@@ -34,7 +34,7 @@ model = dict(
     neck=dict(in_channels=[96, 192, 384, 768]))
 
 # AdamW lr 1e-4, weight decay 0.05 (paper). No weight decay on norms, biases, 1-D parameters and
-# the selective-scan parameters A_log / D (as in Mamba/VMamba).
+# the selective-scan parameters (as in Mamba/VMamba).
 optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=0.0001, betas=(0.9, 0.999), weight_decay=0.05),
@@ -43,9 +43,16 @@ optim_wrapper = dict(
         norm_decay_mult=0.,
         bias_decay_mult=0.,
         flat_decay_mult=0.,
+        # The names of ViM2.no_weight_decay(): SSM dynamics, per-position B/C offsets and the
+        # weighted-averaging scalars (the multi-dimensional ones; 1-D ones are covered above).
         custom_keys={
-            'A_log': dict(decay_mult=0.),
+            '.A_log': dict(decay_mult=0.),
             '.D': dict(decay_mult=0.),
+            '.dt_proj_bias': dict(decay_mult=0.),
+            '.delta_bias': dict(decay_mult=0.),
+            '.B_bias': dict(decay_mult=0.),
+            '.C_bias': dict(decay_mult=0.),
+            '.input_average.weight': dict(decay_mult=0.),
         }))
 
 train_dataloader = dict(batch_size=2)  # x 8 GPUs = 16
