@@ -91,6 +91,21 @@ _INTERPRETED = False
 
 if triton is not None:
 
+    # Triton's own @jit library functions (tl.sum, tl.zeros, tl.sigmoid) are built when triton is
+    # imported; if that happened before TRITON_INTERPRET=1 was set they cannot run under the interpreter.
+    # The kernels therefore use builtins and these local helpers only.
+    @triton.jit
+    def _add(x, y):
+        return x + y
+
+    @triton.jit
+    def _sum(x, axis: tl.constexpr):
+        return tl.reduce(x, axis, _add)
+
+    @triton.jit
+    def _sigmoid(x):
+        return 1.0 / (1.0 + tl.exp(-x))
+
     @triton.jit
     def _seq_offsets(t, L2, s1, s2, TWO_LEVEL: tl.constexpr):
         # t: int64 positions in the flattened sequence; two-level sequences map t -> (t // L2, t % L2).
@@ -184,7 +199,7 @@ if triton is not None:
         inject = inject + tl.where(last[None, None, :], carry[:, :, None], 0.0)
         _, _, gs = tl.associative_scan((a, ones, inject), axis=2, combine_fn=_combine_adjoint,
                                        reverse=not REVERSE)
-        carry_out = tl.sum(tl.where(first[None, None, :], a * gs, 0.0), axis=2)
+        carry_out = _sum(tl.where(first[None, None, :], a * gs, 0.0), axis=2)
         return gs, carry_out
 
     @triton.jit
@@ -212,7 +227,7 @@ if triton is not None:
             sel = pos == 0
         else:
             sel = pos == BLOCK_T - 1
-        return tl.sum(tl.where(sel[None, None, :], hs, 0.0), axis=2)
+        return _sum(tl.where(sel[None, None, :], hs, 0.0), axis=2)
 
     @triton.jit
     def _scan_fwd_kernel(
@@ -244,7 +259,7 @@ if triton is not None:
         if HAS_BIAS:
             bias = tl.load(bias_ptr + didx, mask=row_ok, other=0.0).to(COMPUTE)
         else:
-            bias = tl.zeros((BLOCK_ROWS,), dtype=COMPUTE)
+            bias = tl.full((BLOCK_ROWS,), 0.0, COMPUTE)
         if HAS_D:
             Dv = tl.load(D_ptr + didx, mask=row_ok, other=0.0).to(COMPUTE)
         if SPLIT:
@@ -253,7 +268,7 @@ if triton is not None:
         elif HAS_H0:
             h = tl.load(h0_ptr + rows[:, None] * N + offs_n[None, :], mask=rn_mask, other=0.0).to(COMPUTE)
         else:
-            h = tl.zeros((BLOCK_ROWS, BLOCK_N), dtype=COMPUTE)
+            h = tl.full((BLOCK_ROWS, BLOCK_N), 0.0, COMPUTE)
         row_u = bidx * su_b + didx * su_d
         row_dl = bidx * sd_b + didx * sd_d
         row_z = bidx * sz_b + didx * sz_d
@@ -282,12 +297,12 @@ if triton is not None:
             hs = _block_states(a, (dt * uu)[:, None, :] * B3, h, REVERSE, BLOCK_T)
             C3 = _load_bc(C_ptr, C_base, t, row_ok, t_ok, offs_n, n_ok, L2, sC_n, sC_1, sC_2,
                           TWO_LEVEL, SHARED_BC, COMPUTE)
-            y = tl.sum(C3 * hs, axis=1)
+            y = _sum(C3 * hs, axis=1)
             if HAS_D:
                 y = y + Dv[:, None] * uu
             if HAS_Z:
                 zz = _load_seq(z_ptr, row_z, t, mask2, L2, sz_1, sz_2, TWO_LEVEL, COMPUTE)
-                y = y * (zz * tl.sigmoid(zz))
+                y = y * (zz * _sigmoid(zz))
             tl.store(out_ptr + rows[:, None] * L + t[None, :], y, mask=mask2)
             h = _last_in_scan_order(hs, REVERSE, BLOCK_T)
         tl.store(last_ptr + rows[:, None] * N + offs_n[None, :], h, mask=rn_mask & (seg == n_segs - 1))
@@ -318,7 +333,7 @@ if triton is not None:
         if HAS_BIAS:
             bias = tl.load(bias_ptr + didx, mask=row_ok, other=0.0).to(COMPUTE)
         else:
-            bias = tl.zeros((BLOCK_ROWS,), dtype=COMPUTE)
+            bias = tl.full((BLOCK_ROWS,), 0.0, COMPUTE)
         row_u = bidx * su_b + didx * su_d
         row_dl = bidx * sd_b + didx * sd_d
         if SHARED_BC:
@@ -327,8 +342,8 @@ if triton is not None:
             B_base = b0 * sB_b + ((row0 - b0 * dim) // dim_per_group) * sB_g
         else:
             B_base = bidx * sB_b + (didx // dim_per_group) * sB_g
-        h = tl.zeros((BLOCK_ROWS, BLOCK_N), dtype=COMPUTE)
-        sdt = tl.zeros((BLOCK_ROWS,), dtype=COMPUTE)
+        h = tl.full((BLOCK_ROWS, BLOCK_N), 0.0, COMPUTE)
+        sdt = tl.full((BLOCK_ROWS,), 0.0, COMPUTE)
         lo, hi = _block_range(seg, blocks_per_seg, n_blocks)
         for i in range(lo, hi):
             c, t = _block_times(i, n_blocks, REVERSE, BLOCK_T)
@@ -342,7 +357,7 @@ if triton is not None:
             a = tl.exp(dt[:, None, :] * A3)
             hs = _block_states(a, (dt * uu)[:, None, :] * B3, h, REVERSE, BLOCK_T)
             h = _last_in_scan_order(hs, REVERSE, BLOCK_T)
-            sdt += tl.sum(dt, axis=1)
+            sdt += _sum(dt, axis=1)
         tl.store(hloc_ptr + (rows[:, None] * n_segs + seg) * N + offs_n[None, :], h, mask=rn_mask)
         tl.store(sdt_ptr + rows * n_segs + seg, sdt, mask=row_ok)
 
@@ -364,7 +379,7 @@ if triton is not None:
         if HAS_START:
             h = tl.load(start_ptr + rows[:, None] * N + offs_n[None, :], mask=rn_mask, other=0.0).to(COMPUTE)
         else:
-            h = tl.zeros((BLOCK_ROWS, BLOCK_N), dtype=COMPUTE)
+            h = tl.full((BLOCK_ROWS, BLOCK_N), 0.0, COMPUTE)
         for k in range(n_segs):
             if BACKWARD:
                 j = n_segs - 1 - k
@@ -405,7 +420,7 @@ if triton is not None:
         if HAS_BIAS:
             bias = tl.load(bias_ptr + didx, mask=row_ok, other=0.0).to(COMPUTE)
         else:
-            bias = tl.zeros((BLOCK_ROWS,), dtype=COMPUTE)
+            bias = tl.full((BLOCK_ROWS,), 0.0, COMPUTE)
         row_g = bidx * sg_b + didx * sg_d
         row_dl = bidx * sd_b + didx * sd_d
         row_z = bidx * sz_b + didx * sz_d
@@ -415,8 +430,8 @@ if triton is not None:
             C_base = b0 * sC_b + ((row0 - b0 * dim) // dim_per_group) * sC_g
         else:
             C_base = bidx * sC_b + (didx // dim_per_group) * sC_g
-        carry = tl.zeros((BLOCK_ROWS, BLOCK_N), dtype=COMPUTE)
-        sdt = tl.zeros((BLOCK_ROWS,), dtype=COMPUTE)
+        carry = tl.full((BLOCK_ROWS, BLOCK_N), 0.0, COMPUTE)
+        sdt = tl.full((BLOCK_ROWS,), 0.0, COMPUTE)
         ones = tl.full((BLOCK_ROWS, BLOCK_N, BLOCK_T), 1.0, COMPUTE)
         lo, hi = _block_range(seg, blocks_per_seg, n_blocks)
         for k in range(lo, hi):
@@ -428,12 +443,12 @@ if triton is not None:
             gy = _load_seq(dout_ptr, row_g, t, mask2, L2, sg_1, sg_2, TWO_LEVEL, COMPUTE)
             if HAS_Z:
                 zz = _load_seq(z_ptr, row_z, t, mask2, L2, sz_1, sz_2, TWO_LEVEL, COMPUTE)
-                gy = gy * zz * tl.sigmoid(zz)
+                gy = gy * zz * _sigmoid(zz)
             C3 = _load_bc(C_ptr, C_base, t, row_ok, t_ok, offs_n, n_ok, L2, sC_n, sC_1, sC_2,
                           TWO_LEVEL, SHARED_BC, COMPUTE)
             a = tl.exp(dt[:, None, :] * A3)
             _, carry = _block_adjoint(a, gy[:, None, :] * C3, carry, ones, REVERSE, BLOCK_T)
-            sdt += tl.sum(dt, axis=1)
+            sdt += _sum(dt, axis=1)
         tl.store(gloc_ptr + (rows[:, None] * n_segs + seg) * N + offs_n[None, :], carry, mask=rn_mask)
         tl.store(sdt_ptr + rows * n_segs + seg, sdt, mask=row_ok)
 
@@ -468,7 +483,7 @@ if triton is not None:
         if HAS_BIAS:
             bias = tl.load(bias_ptr + didx, mask=row_ok, other=0.0).to(COMPUTE)
         else:
-            bias = tl.zeros((BLOCK_ROWS,), dtype=COMPUTE)
+            bias = tl.full((BLOCK_ROWS,), 0.0, COMPUTE)
         if HAS_D:
             Dv = tl.load(D_ptr + didx, mask=row_ok, other=0.0).to(COMPUTE)
         if SPLIT:
@@ -477,7 +492,7 @@ if triton is not None:
         elif HAS_DLAST:
             carry = tl.load(dlast_ptr + rows[:, None] * N + offs_n[None, :], mask=rn_mask, other=0.0).to(COMPUTE)
         else:
-            carry = tl.zeros((BLOCK_ROWS, BLOCK_N), dtype=COMPUTE)
+            carry = tl.full((BLOCK_ROWS, BLOCK_N), 0.0, COMPUTE)
         row_g = bidx * sg_b + didx * sg_d
         row_u = bidx * su_b + didx * su_d
         row_dl = bidx * sd_b + didx * sd_d
@@ -496,9 +511,9 @@ if triton is not None:
             B_base = bidx * sB_b + gidx * sB_g
             C_base = bidx * sC_b + gidx * sC_g
             slot = bidx * G + gidx
-        dA_acc = tl.zeros((BLOCK_ROWS, BLOCK_N), dtype=COMPUTE)
-        dD_acc = tl.zeros((BLOCK_ROWS,), dtype=COMPUTE)
-        dbias_acc = tl.zeros((BLOCK_ROWS,), dtype=COMPUTE)
+        dA_acc = tl.full((BLOCK_ROWS, BLOCK_N), 0.0, COMPUTE)
+        dD_acc = tl.full((BLOCK_ROWS,), 0.0, COMPUTE)
+        dbias_acc = tl.full((BLOCK_ROWS,), 0.0, COMPUTE)
         ones = tl.full((BLOCK_ROWS, BLOCK_N, BLOCK_T), 1.0, COMPUTE)
         lo, hi = _block_range(seg, blocks_per_seg, n_blocks)
         for k in range(lo, hi):
@@ -521,33 +536,33 @@ if triton is not None:
             gy = _load_seq(dout_ptr, row_g, t, mask2, L2, sg_1, sg_2, TWO_LEVEL, COMPUTE)
             out_off = rows[:, None] * L + t[None, :]
             if HAS_Z:
-                y = tl.sum(C3 * hs, axis=1)
+                y = _sum(C3 * hs, axis=1)
                 if HAS_D:
                     y = y + Dv[:, None] * uu
                 zz = _load_seq(z_ptr, row_z, t, mask2, L2, sz_1, sz_2, TWO_LEVEL, COMPUTE)
-                sig_z = tl.sigmoid(zz)
+                sig_z = _sigmoid(zz)
                 tl.store(dz_ptr + out_off, gy * y * sig_z * (1.0 + zz * (1.0 - sig_z)), mask=mask2)
                 gy = gy * zz * sig_z
             gs, carry = _block_adjoint(a, gy[:, None, :] * C3, carry, ones, REVERSE, BLOCK_T)
             dC = gy[:, None, :] * hs
             dB = gs * (dt * uu)[:, None, :]
-            gB = tl.sum(gs * B3, axis=1)
+            gB = _sum(gs * B3, axis=1)
             decayed = gs * (hs - bx)  # G_s * a_s * h_{s-1} (no previous state needed): d/d log(a_s)
             du = gB * dt
             if HAS_D:
                 du = du + gy * Dv[:, None]
-                dD_acc += tl.sum(gy * uu, axis=1)
-            ddt = gB * uu + tl.sum(decayed * A3, axis=1)
-            dA_acc += tl.sum(decayed * dt[:, None, :], axis=2)
+                dD_acc += _sum(gy * uu, axis=1)
+            ddt = gB * uu + _sum(decayed * A3, axis=1)
+            dA_acc += _sum(decayed * dt[:, None, :], axis=2)
             if SOFTPLUS:
-                ddt = ddt * tl.where(x > 20.0, 1.0, tl.sigmoid(x))
+                ddt = ddt * tl.where(x > 20.0, 1.0, _sigmoid(x))
             ddt = tl.where(mask2, ddt, 0.0)
-            dbias_acc += tl.sum(ddt, axis=1)
+            dbias_acc += _sum(ddt, axis=1)
             tl.store(du_ptr + out_off, du, mask=mask2)
             tl.store(ddl_ptr + out_off, ddt, mask=mask2)
             if SHARED_BC:
-                dB2 = tl.sum(dB, axis=0)
-                dC2 = tl.sum(dC, axis=0)
+                dB2 = _sum(dB, axis=0)
+                dC2 = _sum(dC, axis=0)
                 bc_off = (slot * N + offs_n[:, None]) * L + t[None, :]
                 bc_mask = n_ok[:, None] & t_ok[None, :]
                 if BC_ATOMIC:
