@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from functools import lru_cache
 from typing import Iterator, Optional, Tuple
 
@@ -173,120 +174,229 @@ def _row_blocks(batch: int, groups: int, per_group: int, row_elems: int) -> Iter
 
 
 # ---------------------------------------------------------------------------------------------------
-# shared preparation
+# problem preparation and the two working layouts
 # ---------------------------------------------------------------------------------------------------
 
-class _Problem:
-    """Inputs gathered into the chunked working layout (all small: per position, not per state)."""
+# Channels per B/C group from which the "shared" layout (state (.., N, channels), contractions over N
+# as batched matrix products with the group's B/C) beats the "rows" layout (state (N, rows), N-outer,
+# contractions as reductions over an outer axis, right for dim/G == 1 such as the channel mixer).
+SHARED_LAYOUT_MIN_CHANNELS = 8
 
-    def __init__(self, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, reverse,
-                 need_raw_delta=False):
+
+class _Problem:
+    """Inputs gathered into the chunked working layout (all per position, none per state element).
+
+    Per-position tensors (dt, u, x = dt*u, dy): (T, nc, batch, G, dpg) in the compute dtype.
+    B, C: (T, nc, batch, G, N) in the shared layout, (T, nc, N, batch, G) in the rows layout.
+    One step of the state for a block of rows (bb batch items, gb groups, jb channels per group):
+    (nc, bb, gb, N, jb) shared, (nc, N, bb, gb, jb) rows.
+    """
+
+    def __init__(self, u, delta, A, B, C, delta_bias, initial_state, delta_softplus, reverse,
+                 keep_raw_delta=False, shared=None):
         self.batch, self.dim = u.shape[:2]
         self.seq_shape = tuple(u.shape[2:])
         self.cd = cd = torch.float64 if u.dtype == torch.float64 else torch.float32
-        self.N = A.shape[1]
+        self.N = N = A.shape[1]
         if B.dim() == u.dim():  # (batch, N, *Ls) -> (batch, 1, N, *Ls)
             B = B.unsqueeze(1)
         if C.dim() == u.dim():
             C = C.unsqueeze(1)
-        self.G = B.shape[1]
-        self.dpg = self.dim // self.G
+        self.G = G = B.shape[1]
+        self.dpg = dpg = self.dim // G
+        self.shared = (dpg >= SHARED_LAYOUT_MIN_CHANNELS) if shared is None else bool(shared)
         self.lay = lay = _layout(self.seq_shape, bool(reverse), u.device)
         self.T, self.nc = lay.T, lay.nc
-        shape6 = (self.T, self.nc, 1, self.batch, self.G, self.dpg)
-        # (T, nc, 1, batch, G, dpg) per-position tensors
-        raw = lay.gather(delta, 2, cd).view(shape6)
+        pos_shape = (self.T, self.nc, self.batch, G, dpg)
+        raw = lay.gather(delta, 2, cd).view(pos_shape)
         if delta_bias is not None:
-            raw += delta_bias.to(cd).view(self.G, self.dpg)
-        self.raw_delta = raw if (need_raw_delta and delta_softplus) else None
-        if delta_softplus:
-            dt = torch.where(raw <= _SOFTPLUS_THRESHOLD, F.softplus(raw), raw)
-        else:
-            dt = raw if not need_raw_delta else raw.clone()
+            raw += delta_bias.to(cd).view(G, dpg)
+        self.raw_delta = raw if (keep_raw_delta and delta_softplus) else None
+        # torch's softplus is the identity above threshold=20: mamba's rule exactly
+        dt = F.softplus(raw, threshold=_SOFTPLUS_THRESHOLD) if delta_softplus else raw
         if lay.pad_from < lay.T:
             dt[lay.pad_from:, self.nc - 1].zero_()  # padding steps: decay 1, no input
         self.dt = dt
-        self.u = lay.gather(u, 2, cd).view(shape6)
+        self.u = lay.gather(u, 2, cd).view(pos_shape)
         self.x = dt * self.u
-        # B, C: (batch, G, N, *Ls) -> (T, nc, N, batch, G, 1)
-        self.B = lay.gather(B.permute(2, 0, 1, *range(3, B.dim())), 3, cd).unsqueeze(-1)
-        self.C = lay.gather(C.permute(2, 0, 1, *range(3, C.dim())), 3, cd).unsqueeze(-1)
-        # A (dim, N) -> (N, 1, G, dpg)
-        self.At = A.to(cd).t().contiguous().view(self.N, 1, self.G, self.dpg)
+        seq_axes = tuple(range(3, B.dim()))
+        if self.shared:
+            self.B = lay.gather(B, 3, cd)  # (T, nc, batch, G, N)
+            self.C = lay.gather(C, 3, cd)
+            self.At = A.to(cd).view(G, dpg, N).transpose(1, 2).contiguous()  # (G, N, dpg)
+        else:
+            self.B = lay.gather(B.permute(2, 0, 1, *seq_axes), 3, cd)  # (T, nc, N, batch, G)
+            self.C = lay.gather(C.permute(2, 0, 1, *seq_axes), 3, cd)
+            self.At = A.to(cd).t().contiguous().view(N, 1, G, dpg)
         self.init = None
-        if initial_state is not None:  # (batch, dim, N) -> (N, batch, G, dpg) view
-            self.init = initial_state.to(cd).view(self.batch, self.G, self.dpg, self.N).permute(3, 0, 1, 2)
+        if initial_state is not None:  # natural (batch, G, dpg, N)
+            self.init = initial_state.to(cd).view(self.batch, G, dpg, N)
 
+    # --- layout helpers -------------------------------------------------------------------------
     def blocks(self):
-        return _row_blocks(self.batch, self.G, self.dpg, self.T * self.nc * self.N)
+        return list(_row_blocks(self.batch, self.G, self.dpg, self.T * self.nc * self.N))
+
+    def block(self, bs, gs, js) -> "_Block":
+        return _Block(self, bs, gs, js)
+
+    def max_block_numel(self) -> int:
+        return max(self.block(*b).numel for b in self.blocks())
+
+
+class _Block:
+    """Views of one row block (bb batch items x gb groups x jb channels) in the working layout.
+
+    Full block tensors are (T, <step>) with <step> = (nc, bb, gb, N, jb) in the shared layout and
+    (nc, N, bb, gb, jb) in the rows layout; per-position values are viewed with a size-1 N axis and
+    B/C with a size-1 channel axis so that every product is a plain broadcast.
+    """
+
+    def __init__(self, p: _Problem, bs: slice, gs: slice, js: slice):
+        self.p, self.bs, self.gs, self.js = p, bs, gs, js
+        self.shared = sh = p.shared
+        bb, gb, jb = bs.stop - bs.start, gs.stop - gs.start, js.stop - js.start
+        self.bb, self.gb, self.jb = bb, gb, jb
+        self.step = (p.nc, bb, gb, p.N, jb) if sh else (p.nc, p.N, bb, gb, jb)
+        self.shape = (p.T,) + self.step
+        self.numel = math.prod(self.shape)
+        self.At = p.At[gs, :, js] if sh else p.At[:, :, gs, js]
+        self.dt = self.pos(p.dt)
+        self.x = self.pos(p.x)
+        self.B = self.bc(p.B)
+        self.C = self.bc(p.C)
+
+    def pos(self, t: Tensor) -> Tensor:
+        """Global per-position (T, nc, batch, G, dpg) -> this block, broadcastable against the state."""
+        t = t[:, :, self.bs, self.gs, self.js]
+        return t.unsqueeze(4) if self.shared else t.unsqueeze(2)
+
+    def pos_out(self, t: Tensor) -> Tensor:
+        """Global per-position output -> this block's (T, nc, bb, gb, jb) slice."""
+        return t[:, :, self.bs, self.gs, self.js]
+
+    def bc(self, M: Tensor) -> Tensor:
+        """Global B/C (or dB/dC) -> this block's (T, nc, bb, gb, N, 1) / (T, nc, N, bb, gb, 1) view."""
+        return (M[:, :, self.bs, self.gs] if self.shared else M[:, :, :, self.bs, self.gs]).unsqueeze(-1)
+
+    def view(self, buf: Tensor) -> Tensor:
+        return buf[: self.numel].view(self.shape)
+
+    # states: natural (bb, gb, jb, N) <-> one chunk of a step
+    def natural_to_state(self, s: Tensor) -> Tensor:
+        return s.transpose(-1, -2) if self.shared else s.permute(3, 0, 1, 2)
+
+    def state_to_natural(self, s: Tensor) -> Tensor:
+        return s.transpose(-1, -2) if self.shared else s.permute(1, 2, 3, 0)
+
+    def chunks_to_natural(self, s: Tensor) -> Tensor:
+        """A step (nc, <state>) -> (bb, gb, jb, nc, N) view."""
+        return s.permute(1, 2, 4, 0, 3) if self.shared else s.permute(2, 3, 4, 0, 1)
+
+    def natural_to_chunks(self, s: Tensor) -> Tensor:
+        return s.permute(3, 0, 1, 4, 2) if self.shared else s.permute(3, 4, 0, 1, 2)
+
+    # contractions over the whole block
+    def sum_n(self, S: Tensor, V: Tensor, out: Tensor, tmp: Tensor) -> None:
+        """out (T, nc, bb, gb, jb) = sum_n V * S, V = block B or C (shared by the group's channels)."""
+        if self.shared:
+            k = math.prod(self.shape[:4])
+            res = torch.bmm(V.reshape(k, 1, self.p.N), S.view(k, self.p.N, self.jb))
+            out.copy_(res.view(out.shape))
+        else:
+            torch.sum(torch.mul(S, V, out=tmp), 2, out=out)
+
+    def sum_n_channel(self, S: Tensor, out: Tensor) -> None:
+        """out (T, nc, bb, gb, jb) = sum_n A * S with this block's per-channel A (N strided adds)."""
+        axis = 4 if self.shared else 2
+        S_n = S.unbind(axis)
+        A_n = self.At.unbind(-2 if self.shared else 0)
+        torch.mul(S_n[0], A_n[0], out=out)
+        for n in range(1, len(S_n)):
+            out.addcmul_(S_n[n], A_n[n])
+
+    def sum_j(self, S: Tensor, w: Tensor, out: Tensor, tmp: Tensor) -> None:
+        """out (block view of dB/dC, like self.bc(...)) += sum over the block's channels of w * S."""
+        if self.shared:
+            k = math.prod(self.shape[:4])
+            res = torch.bmm(S.view(k, self.p.N, self.jb), w.reshape(k, self.jb, 1))
+            out.add_(res.view(out.shape))
+        elif self.jb == 1:
+            out.addcmul_(S, w)
+        else:
+            out.add_(torch.mul(S, w, out=tmp).sum(-1, keepdim=True))
+
+    def sum_rows(self, S: Tensor) -> Tensor:
+        """(T, <step>) summed over steps, chunks and batch -> the block's slice of dA."""
+        if self.shared:
+            return S.sum((0, 1, 2))  # (gb, N, jb)
+        return S.sum((0, 1, 3)).unsqueeze(1)  # (N, 1, gb, jb)
+
+
+_workspaces = threading.local()
 
 
 def _ensure_buffers(count: int, numel: int, dtype: torch.dtype, device: torch.device):
-    return [torch.empty(numel, dtype=dtype, device=device) for _ in range(count)]
+    """``count`` flat buffers of ``numel`` elements from a per-thread workspace kept between calls.
+
+    Reusing the block buffers avoids paying fresh page faults for several MiB on every call, which
+    costs as much as the arithmetic on them. The workspace holds at most a few row blocks (see
+    ``VIM2_TORCH_SCAN_BLOCK``) per (device, dtype); ``release_workspace()`` frees it.
+    """
+    cache = getattr(_workspaces, "buffers", None)
+    if cache is None:
+        cache = _workspaces.buffers = {}
+    key = (device, dtype)
+    flat = cache.get(key)
+    if flat is None or flat.numel() < count * numel:
+        flat = cache[key] = torch.empty(count * numel, dtype=dtype, device=device)
+    return [flat[i * numel:(i + 1) * numel] for i in range(count)]
 
 
-def _decay_and_input(p: _Problem, bs, gs, js, a_buf: Tensor, x_buf: Tensor):
-    """a = exp(dt * A) and X = dt * u * B for one row block, (T, nc, N, bb, gb, jb) each."""
-    dt = p.dt[:, :, :, bs, gs, js]
-    At = p.At[:, :, gs, js]
-    shape = (p.T, p.nc, p.N) + dt.shape[3:]
-    numel = math.prod(shape)
-    a = torch.mul(dt, At, out=a_buf[:numel].view(shape))
-    a.exp_()
-    X = torch.mul(p.x[:, :, :, bs, gs, js], p.B[:, :, :, bs, gs], out=x_buf[:numel].view(shape))
-    return a, X
+def release_workspace() -> None:
+    """Frees this thread's cached working buffers (they are re-created on the next call)."""
+    _workspaces.buffers = {}
 
 
-def _chunk_starts(p: _Problem, a: Tensor, X: Tensor, init: Optional[Tensor], bs, gs, js) -> Tensor:
-    """State before each chunk, (nc, N, bb, gb, jb), from the chunk-local end states (passes 1 and 2)."""
-    T, nc = p.T, p.nc
-    starts = X.new_empty((nc,) + X.shape[2:])
+def _decay_input_chunk_ends(blk: _Block, a: Tensor, X: Tensor, need_ends: bool) -> Optional[Tensor]:
+    """Fills a = exp(dt A) and X = dt u B step by step; returns each chunk's end state started from
+    zero (the chunk-local pass) when ``need_ends``."""
+    a_s, X_s = a.unbind(0), X.unbind(0)
+    dt_s, x_s, B_s = blk.dt.unbind(0), blk.x.unbind(0), blk.B.unbind(0)
+    At = blk.At
+    h = None
+    pp = (torch.empty(blk.step, dtype=a.dtype, device=a.device),
+          torch.empty(blk.step, dtype=a.dtype, device=a.device)) if need_ends else None
+    for t in range(len(a_s)):
+        torch.mul(dt_s[t], At, out=a_s[t]).exp_()
+        torch.mul(x_s[t], B_s[t], out=X_s[t])
+        if need_ends:
+            h = X_s[0] if t == 0 else torch.addcmul(X_s[t], a_s[t], h, out=pp[t % 2])
+    return h
+
+
+def _chunk_starts(blk: _Block, ends: Optional[Tensor], init: Optional[Tensor], like: Tensor) -> Tensor:
+    """State before each chunk, a step (nc, <state>), from the chunk-local end states (chunk pass)."""
+    p = blk.p
+    starts = torch.empty_like(like)
     if init is None:
         starts[0].zero_()
     else:
-        starts[0].copy_(init)
-    if nc == 1:
-        return starts
-    # pass 1: end state of every chunk started from zero, all chunks at once
-    h = X[0]
-    ping = torch.empty_like(starts)
-    pong = torch.empty_like(starts)
-    for t in range(1, T):
-        h = torch.addcmul(X[t], a[t], h, out=ping if t % 2 else pong)
-    # whole-chunk decay exp(A * sum dt): an exponential of a non-positive number
-    decay = torch.mul(p.dt[:, :, :, bs, gs, js].sum(0), p.At[:, :, gs, js]).exp_()
-    # pass 2: carry across chunk boundaries
-    for c in range(1, nc):
-        torch.addcmul(h[c - 1], decay[c - 1], starts[c - 1], out=starts[c])
+        starts[0].copy_(blk.natural_to_state(init))
+    if p.nc > 1:
+        # whole-chunk decay exp(A * sum dt): the exponential of a non-positive number
+        decay = torch.mul(blk.dt.sum(0), blk.At).exp_()
+        for c in range(1, p.nc):
+            torch.addcmul(ends[c - 1], decay[c - 1], starts[c - 1], out=starts[c])
     return starts
 
 
 def _states(a: Tensor, X: Tensor, starts: Tensor) -> Tensor:
-    """Pass 3, in place: X (holding b_t) becomes the true states h_t given the chunk start states."""
-    X[0].addcmul_(a[0], starts)
-    for t in range(1, X.shape[0]):
-        X[t].addcmul_(a[t], X[t - 1])
+    """In place: X (holding dt u B) becomes the states h_t given the chunk start states."""
+    a_s, X_s = a.unbind(0), X.unbind(0)
+    X_s[0].addcmul_(a_s[0], starts)
+    for t in range(1, len(X_s)):
+        X_s[t].addcmul_(a_s[t], X_s[t - 1])
     return X
-
-
-def _contract_state(H: Tensor, V: Tensor, out: Tensor) -> Tensor:
-    """out[t, c, b, g, j] = sum_n V[t, c, n, b, g, (j)] * H[t, c, n, b, g, j] without a temporary."""
-    torch.mul(H[:, :, 0], V[:, :, 0], out=out)
-    for n in range(1, H.shape[2]):
-        out.addcmul_(H[:, :, n], V[:, :, n])
-    return out
-
-
-def _sum_over_group(prod: Tensor, out: Tensor, accumulate: bool) -> None:
-    """out (T, nc, N, bb, gb) (+)= prod (T, nc, N, bb, gb, jb).sum(-1)."""
-    if prod.shape[-1] == 1:
-        reduced = prod[..., 0]
-    else:
-        reduced = prod.sum(-1)
-    if accumulate:
-        out.add_(reduced)
-    else:
-        out.copy_(reduced)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -300,30 +410,48 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softp
     ``last_state`` is float32 (float64 for float64 inputs); ``saved`` is the float32 state before each
     chunk, shape ``saved_shape(batch, dim, L, N)``.
     """
-    p = _Problem(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, reverse)
+    return _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, reverse)
+
+
+def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, reverse, shared=None):
+    if u.numel() == 0:
+        return _empty_forward(u, A, initial_state)
+    p = _Problem(u, delta, A, B, C, delta_bias, initial_state, delta_softplus, reverse, shared=shared)
     T, nc, N, cd, dev = p.T, p.nc, p.N, p.cd, u.device
     y = torch.empty(T, nc, p.batch, p.G, p.dpg, dtype=cd, device=dev)
     last = torch.empty(p.batch, p.G, p.dpg, N, dtype=cd, device=dev)
     saved = torch.empty(p.batch, p.G, p.dpg, nc, N, dtype=torch.float32, device=dev)
-    numel = max(T * nc * N * (bs.stop - bs.start) * (gs.stop - gs.start) * (js.stop - js.start)
-                for bs, gs, js in p.blocks())
-    a_buf, x_buf = _ensure_buffers(2, numel, cd, dev)
+    a_buf, x_buf = _ensure_buffers(2, p.max_block_numel(), cd, dev)
     for bs, gs, js in p.blocks():
-        a, X = _decay_and_input(p, bs, gs, js, a_buf, x_buf)
-        init = None if p.init is None else p.init[:, bs, gs, js]
-        starts = _chunk_starts(p, a, X, init, bs, gs, js)
-        saved[bs, gs, js].copy_(starts.permute(2, 3, 4, 0, 1))
+        blk = p.block(bs, gs, js)
+        a, X = blk.view(a_buf), blk.view(x_buf)
+        ends = _decay_input_chunk_ends(blk, a, X, need_ends=nc > 1)
+        init = None if p.init is None else p.init[bs, gs, js]
+        starts = _chunk_starts(blk, ends, init, X[0])
+        saved[bs, gs, js].copy_(blk.chunks_to_natural(starts))
         H = _states(a, X, starts)
-        last[bs, gs, js].copy_(H[T - 1, nc - 1].permute(1, 2, 3, 0))
-        _contract_state(H, p.C[:, :, :, bs, gs], y[:, :, bs, gs, js])
+        last[bs, gs, js].copy_(blk.state_to_natural(H[T - 1, nc - 1]))
+        blk.sum_n(H, blk.C, blk.pos_out(y), tmp=a)
     y = y.view(T, nc, p.batch, p.dim)
     if D is not None:
         y.addcmul_(p.u.view_as(y), D.to(cd))
     if z is not None:
-        y.mul_(F.silu(p.lay.gather(z, 2, cd)))
+        y.mul_(F.silu(p.lay.gather(z, 2, cd), inplace=True))
     out = torch.empty(u.shape, dtype=u.dtype, device=dev)
     p.lay.scatter(y, out)
     return out, last.view(p.batch, p.dim, N), saved.view(p.batch, p.dim, nc, N)
+
+
+def _empty_forward(u, A, initial_state):
+    """No batch items or no steps: the output is empty and the state stays the initial state."""
+    batch, dim, N = u.shape[0], u.shape[1], A.shape[1]
+    cd = torch.float64 if u.dtype == torch.float64 else torch.float32
+    last = torch.zeros(batch, dim, N, dtype=cd, device=u.device)
+    if initial_state is not None:
+        last.copy_(initial_state)
+    seqlen = math.prod(u.shape[2:])
+    saved = torch.zeros(saved_shape(batch, dim, seqlen, N), dtype=torch.float32, device=u.device)
+    return torch.empty(u.shape, dtype=u.dtype, device=u.device), last, saved
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -339,84 +467,142 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initia
     None where the input was None. States are recomputed from ``saved`` (float64 inputs recompute the
     chunk-start states in float64 instead, since ``saved`` is float32).
     """
-    p = _Problem(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, reverse,
-                 need_raw_delta=True)
+    return _backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, saved,
+                     delta_softplus, reverse)
+
+
+def _backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, saved,
+              delta_softplus, reverse, shared=None):
+    if u.numel() == 0:
+        return _empty_backward(dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state)
+    p = _Problem(u, delta, A, B, C, delta_bias, initial_state, delta_softplus, reverse,
+                 keep_raw_delta=True, shared=shared)
     T, nc, N, cd, dev = p.T, p.nc, p.N, p.cd, u.device
     batch, G, dpg = p.batch, p.G, p.dpg
     lay = p.lay
-    dout_c = lay.gather(dout, 2, cd).view(T, nc, 1, batch, G, dpg)
-    silu_z = None
+    pos_shape = (T, nc, batch, G, dpg)
+    dout_c = lay.gather(dout, 2, cd).view(pos_shape)
+    z_sig = z_silu = None
     if z is not None:
-        z_c = lay.gather(z, 2, cd).view_as(dout_c)
-        silu_z = F.silu(z_c)
-        dy = dout_c * silu_z
+        z_silu = lay.gather(z, 2, cd).view(pos_shape)
+        z_sig = torch.sigmoid(z_silu)
+        z_silu.mul_(z_sig)  # silu(z) = z * sigmoid(z), in place
+        dy = dout_c * z_silu
     else:
         dy = dout_c
     saved_v = saved.view(batch, G, dpg, nc, N)
     dlast = None if dlast_state is None else dlast_state.to(cd).view(batch, G, dpg, N)
 
-    y = torch.empty(T, nc, batch, G, dpg, dtype=cd, device=dev) if z is not None else None
-    dx = torch.empty(T, nc, batch, G, dpg, dtype=cd, device=dev)
-    ddt = torch.empty(T, nc, batch, G, dpg, dtype=cd, device=dev)
-    dB = torch.zeros(T, nc, N, batch, G, dtype=cd, device=dev)
-    dC = torch.zeros(T, nc, N, batch, G, dtype=cd, device=dev)
-    dA = torch.zeros(N, G, dpg, dtype=cd, device=dev)
+    y = torch.empty(pos_shape, dtype=cd, device=dev) if z is not None else None
+    dx = torch.empty(pos_shape, dtype=cd, device=dev)
+    ddt = torch.empty(pos_shape, dtype=cd, device=dev)
+    dB = torch.zeros(p.B.shape, dtype=cd, device=dev)
+    dC = torch.zeros(p.C.shape, dtype=cd, device=dev)
+    dA = torch.zeros(p.At.shape, dtype=cd, device=dev)
     dinit = torch.empty(batch, G, dpg, N, dtype=cd, device=dev) if initial_state is not None else None
-    numel = max(T * nc * N * (bs.stop - bs.start) * (gs.stop - gs.start) * (js.stop - js.start)
-                for bs, gs, js in p.blocks())
-    a_buf, x_buf, g_buf = _ensure_buffers(3, numel, cd, dev)
+    a_buf, h_buf, g_buf = _ensure_buffers(3, p.max_block_numel(), cd, dev)
     for bs, gs, js in p.blocks():
-        a, X = _decay_and_input(p, bs, gs, js, a_buf, x_buf)
-        init = None if p.init is None else p.init[:, bs, gs, js]
+        blk = p.block(bs, gs, js)
+        a, H, Gs = blk.view(a_buf), blk.view(h_buf), blk.view(g_buf)
+        init = None if p.init is None else p.init[bs, gs, js]
+        ends = _decay_input_chunk_ends(blk, a, H, need_ends=(cd != torch.float32 and nc > 1))
         if cd == torch.float32:
-            starts = saved_v[bs, gs, js].permute(3, 4, 0, 1, 2)  # (nc, N, bb, gb, jb)
+            starts = blk.natural_to_chunks(saved_v[bs, gs, js])
         else:  # float64: saved is float32, recompute the chunk starts exactly
-            starts = _chunk_starts(p, a, X, init, bs, gs, js)
-        H = _states(a, X, starts)
-        shape = H.shape
-        Cb = p.C[:, :, :, bs, gs]
-        dyb = dy[:, :, :, bs, gs, js]
+            starts = _chunk_starts(blk, ends, init, H[0])
+        _states(a, H, starts)
+        dy_b = blk.pos(dy)
         if y is not None:
-            _contract_state(H, Cb, y[:, :, bs, gs, js])
-        # dC = sum over the block's channels of dy * h (the state buffer for g is the temporary)
-        Gs = g_buf[: H.numel()].view(shape)
-        accumulate = (js.stop - js.start) != dpg
-        _sum_over_group(torch.mul(H, dyb, out=Gs), dC[:, :, :, bs, gs], accumulate)
+            blk.sum_n(H, blk.C, blk.pos_out(y), tmp=Gs)
+        blk.sum_j(H, dy_b, blk.bc(dC), tmp=Gs)
         # state gradient g_t = C_t dy_t + a_{t+1} g_{t+1} (+ dlast at the final step), right to left
-        torch.mul(Cb, dyb, out=Gs)
+        torch.mul(blk.C, dy_b, out=Gs)
         if dlast is not None:
-            Gs[T - 1, nc - 1].add_(dlast[bs, gs, js].permute(3, 0, 1, 2))
-        _reverse_states(p, a, Gs, bs, gs, js)
+            Gs[T - 1, nc - 1].add_(blk.natural_to_state(dlast[bs, gs, js]))
+        if nc > 1:
+            Gs[T - 1].add_(_chunk_inflow(blk, a, Gs))
+        a_s, G_s = a.unbind(0), Gs.unbind(0)
+        for t in range(T - 2, -1, -1):
+            G_s[t].addcmul_(a_s[t + 1], G_s[t + 1])
         if dinit is not None:
-            dinit[bs, gs, js].copy_((a[0, 0] * Gs[0, 0]).permute(1, 2, 3, 0))
-        # dB = sum over channels of x * g;  dx = sum_n B * g
-        xb = p.x[:, :, :, bs, gs, js]
-        _contract_state(Gs, p.B[:, :, :, bs, gs], dx[:, :, bs, gs, js])
-        # Q = g_t * a_t * h_{t-1}: the gradient reaching dt*A; built in place in the decay buffer
+            dinit[bs, gs, js].copy_(blk.state_to_natural(a[0, 0] * Gs[0, 0]))
+        # Q = g_t a_t h_{t-1}, the gradient reaching dt_t * A, built in place in the decay buffer
         Q = a.mul_(Gs)
         Q[1:].mul_(H[:-1])
         Q[0].mul_(starts)
-        _sum_over_group(torch.mul(Gs, xb, out=H), dB[:, :, :, bs, gs], accumulate)
-        At = p.At[:, :, gs, js]
-        _contract_state(Q, At.unsqueeze(0).unsqueeze(0).expand(T, nc, N, *At.shape[1:]), ddt[:, :, bs, gs, js])
-        Q.mul_(p.dt[:, :, :, bs, gs, js])
-        dA[:, gs, js] += Q.sum(dim=(0, 1, 3))
+        blk.sum_n(Gs, blk.B, blk.pos_out(dx), tmp=H)
+        blk.sum_j(Gs, blk.x, blk.bc(dB), tmp=H)
+        blk.sum_n_channel(Q, blk.pos_out(ddt))
+        dA_blk = blk.sum_rows(Q.mul_(blk.dt))
+        if p.shared:
+            dA[gs, :, js] += dA_blk
+        else:
+            dA[:, :, gs, js] += dA_blk
+    return _finish_backward(p, dx, ddt, dy, dout_c, z_sig, z_silu, y, dB, dC, dA, dinit,
+                            u, delta, B, C, D, z, delta_bias, delta_softplus)
 
-    # per-position gradients in the working layout (T, nc, batch, dim)
+
+def _empty_backward(dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state):
+    cd = torch.float64 if u.dtype == torch.float64 else torch.float32
+
+    def zeros(t, dtype=None):
+        return None if t is None else torch.zeros(t.shape, dtype=dtype or t.dtype, device=t.device)
+
+    dinit = None
+    if initial_state is not None:  # last_state == initial_state
+        dinit = torch.zeros(initial_state.shape, dtype=cd, device=u.device)
+        if dlast_state is not None:
+            dinit.copy_(dlast_state)
+    return (zeros(u), zeros(delta), zeros(A, cd), zeros(B), zeros(C), zeros(D, cd), zeros(z),
+            zeros(delta_bias, cd), dinit)
+
+
+def _chunk_inflow(blk: _Block, a: Tensor, Gs: Tensor) -> Tensor:
+    """What reaches each chunk's last step from the chunks after it: a step (nc, <state>).
+
+    Gs holds C_t dy_t (+ dlast). Chunk-local reverse pass (g at each chunk's first step ignoring
+    later chunks), then a reverse chunk pass with the decay from a chunk's last step back to its
+    first step, exp(A * sum_{t>=1} dt) (non-positive exponent).
+    """
+    p = blk.p
+    T, nc = p.T, p.nc
+    a_s, G_s = a.unbind(0), Gs.unbind(0)
+    pp = (torch.empty_like(G_s[0]), torch.empty_like(G_s[0]))
+    gl = G_s[T - 1].clone() if T == 1 else G_s[T - 1]
+    for t in range(T - 2, -1, -1):
+        gl = torch.addcmul(G_s[t], a_s[t + 1], gl, out=pp[t % 2])
+    tail = torch.mul(blk.dt[1:].sum(0), blk.At).exp_()
+    inflow = torch.zeros_like(gl)
+    for c in range(nc - 1, 0, -1):
+        first = gl[c].addcmul_(tail[c], inflow[c])  # true g at chunk c's first step
+        torch.mul(a_s[0][c], first, out=inflow[c - 1])
+    return inflow
+
+
+def _finish_backward(p, dx, ddt, dy, dout_c, z_sig, z_silu, y, dB, dC, dA, dinit,
+                     u, delta, B, C, D, z, delta_bias, delta_softplus):
+    """Per-position chain rule (D, z, softplus, bias) and the scatter back to natural layouts.
+
+    Works in place on the per-position buffers, which are not needed afterwards.
+    """
+    T, nc, N, cd, dev, lay = p.T, p.nc, p.N, p.cd, u.device, p.lay
+    batch, G = p.batch, p.G
     view4 = (T, nc, batch, p.dim)
-    dx = dx.view(view4)
-    dyv = dy.view(view4)
-    uv = p.u.view(view4)
-    dtv = p.dt.view(view4)
-    ddt = ddt.view(view4).addcmul_(uv, dx)
-    du = dx.mul_(dtv)  # dt * dx (+ D * dy below)
+    dx, dyv, uv = dx.view(view4), dy.view(view4), p.u.view(view4)
+    ddt = ddt.view(view4).addcmul_(uv, dx)  # + u * dx (the input path dt * u * B)
+    du = dx.mul_(p.dt.view(view4))  # dt * dx (+ D * dy below)
     dD = None
     if D is not None:
-        du.addcmul_(dyv, D.to(cd))
-        dD = (dyv * uv).sum(dim=(0, 1, 2))
-    if delta_softplus:
+        D_c = D.to(cd)
+        du.addcmul_(dyv, D_c)
+        dD = torch.mul(dyv, uv, out=p.x.view(view4)).sum(dim=(0, 1, 2))
+    if delta_softplus:  # d softplus / dx = sigmoid(x), and 1 above the threshold
         raw = p.raw_delta.view(view4)
-        ddt.mul_(torch.where(raw <= _SOFTPLUS_THRESHOLD, torch.sigmoid(raw), torch.ones_like(raw)))
+        above = raw > _SOFTPLUS_THRESHOLD if cd != torch.float32 else None  # float32: sigmoid is 1 there
+        raw.sigmoid_()
+        if above is not None:
+            raw.masked_fill_(above, 1.0)
+        ddt.mul_(raw)
     if lay.pad_from < T:
         ddt[lay.pad_from:, nc - 1].zero_()  # padding steps carry no delta
     ddelta_bias = ddt.sum(dim=(0, 1, 2)) if delta_bias is not None else None
@@ -424,42 +610,23 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initia
     if z is not None:
         y = y.view(view4)
         if D is not None:
-            y.addcmul_(uv, D.to(cd))
-        zv = z_c.view(view4)
-        sig = torch.sigmoid(zv)
-        dsilu = sig * (1 + zv * (1 - sig))
-        dz = lay.scatter(dout_c.view(view4) * y * dsilu, torch.empty(z.shape, dtype=z.dtype, device=dev))
-
+            y.addcmul_(uv, D_c)
+        # silu'(z) = s + silu(z) (1 - s), s = sigmoid(z)
+        z_sig, z_silu = z_sig.view(view4), z_silu.view(view4)
+        dsilu = z_silu.addcmul_(z_silu, z_sig, value=-1.0).add_(z_sig)
+        dz = lay.scatter(dout_c.view(view4).mul_(y).mul_(dsilu), torch.empty(z.shape, dtype=z.dtype, device=dev))
     du_out = lay.scatter(du, torch.empty(u.shape, dtype=u.dtype, device=dev))
     ddelta_out = lay.scatter(ddt, torch.empty(delta.shape, dtype=delta.dtype, device=dev))
     seq = p.seq_shape
-    dB_out = lay.scatter(dB.view(T, nc, N, batch, G).permute(0, 1, 3, 4, 2),
-                         torch.empty((batch, G, N) + seq, dtype=B.dtype, device=dev)).view(B.shape)
-    dC_out = lay.scatter(dC.view(T, nc, N, batch, G).permute(0, 1, 3, 4, 2),
-                         torch.empty((batch, G, N) + seq, dtype=C.dtype, device=dev)).view(C.shape)
-    dA_out = dA.view(N, p.dim).t().contiguous()
+    if p.shared:  # (T, nc, batch, G, N): already (batch, G, N) per position
+        dB_nat, dC_nat = dB, dC
+    else:  # (T, nc, N, batch, G)
+        dB_nat, dC_nat = dB.permute(0, 1, 3, 4, 2), dC.permute(0, 1, 3, 4, 2)
+    dB_out = lay.scatter(dB_nat, torch.empty((batch, G, N) + seq, dtype=B.dtype, device=dev)).view(B.shape)
+    dC_out = lay.scatter(dC_nat, torch.empty((batch, G, N) + seq, dtype=C.dtype, device=dev)).view(C.shape)
+    if p.shared:  # (G, N, dpg)
+        dA_out = dA.transpose(1, 2).reshape(p.dim, N)
+    else:  # (N, 1, G, dpg)
+        dA_out = dA.view(N, p.dim).t().contiguous()
     dinit_out = dinit.view(batch, p.dim, N) if dinit is not None else None
     return du_out, ddelta_out, dA_out, dB_out, dC_out, dD, dz, ddelta_bias, dinit_out
-
-
-def _reverse_states(p: _Problem, a: Tensor, Gs: Tensor, bs, gs, js) -> None:
-    """In place: Gs (holding C_t dy_t, + dlast) becomes g_t = Gs_t + a_{t+1} g_{t+1}, right to left."""
-    T, nc = p.T, p.nc
-    if nc > 1:
-        # chunk-local pass: each chunk's g at its first step, ignoring what flows in from later chunks
-        gl = Gs[T - 1]
-        ping = torch.empty_like(gl)
-        pong = torch.empty_like(gl)
-        for t in range(T - 2, -1, -1):
-            gl = torch.addcmul(Gs[t], a[t + 1], gl, out=ping if t % 2 else pong)
-        if T == 1:
-            gl = gl.clone()
-        # decay from a chunk's last step back to its first: exp(A * sum_{t>=1} dt) (non-positive)
-        tail = torch.mul(p.dt[1:, :, :, bs, gs, js].sum(0), p.At[:, :, gs, js]).exp_()
-        inflow = torch.zeros_like(gl)  # what reaches chunk c's last step from chunk c+1
-        for c in range(nc - 1, 0, -1):
-            first = gl[c].addcmul_(tail[c], inflow[c])  # true g at chunk c's first step
-            torch.mul(a[0, c], first, out=inflow[c - 1])
-        Gs[T - 1].add_(inflow)
-    for t in range(T - 2, -1, -1):
-        Gs[t].addcmul_(a[t + 1], Gs[t + 1])

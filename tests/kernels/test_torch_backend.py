@@ -1,0 +1,329 @@
+"""Chunked pure-PyTorch selective-scan backend against the float64 plain-loop reference.
+
+Every case calls the backend contract directly (``scan_forward`` / ``scan_backward``) and compares
+``out``, ``last_state`` and all nine gradients with autograd through ``selective_scan_reference`` in
+float64. Both working layouts ("shared": B/C contracted with batched matmuls, for many channels per
+group; "rows": N-outer reductions, for dim/G == 1 such as the channel mixer) and small row blocks
+(several blocks per call, partial groups) are exercised. Shapes are kept small: the reference loop
+dominates the runtime.
+"""
+import itertools
+
+import pytest
+import torch
+
+from vim2_kernels.selective_scan import torch_backend as tb
+from vim2_kernels.selective_scan.reference import selective_scan_reference
+
+GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+SEQ_NAMES = ("u", "delta", "z", "B", "C")
+
+DEFAULTS = dict(batch=2, dim=4, groups=1, N=4, Ls=(7,), D=False, z=False, bias=False, softplus=False,
+                reverse=False, h0=False, dlast=False, layout="contiguous", dtype=torch.float32, bc_dtype=None,
+                layout_mode=None, block=None, delta_scale=0.5, delta_shift=0.0, A_scale=1.0)
+ALL = dict(D=True, z=True, bias=True, softplus=True, h0=True, dlast=True)
+
+# max |error| <= tol * max(1, max |expected|); fp16/bf16 inputs are rounded before the float64 oracle
+# sees them, so the tolerance only covers the backend's own float32 arithmetic and output rounding.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 5e-2}
+
+
+@pytest.fixture
+def backend_settings(monkeypatch):
+    """Forces the working layout and the row-block size of the backend for one test."""
+    def apply(layout_mode, block):
+        if layout_mode is not None:  # threshold on channels per group for the shared layout
+            monkeypatch.setattr(tb, "SHARED_LAYOUT_MIN_CHANNELS", 1 if layout_mode == "shared" else 10 ** 9)
+        if block is not None:
+            monkeypatch.setenv("VIM2_TORCH_SCAN_BLOCK", str(block))
+    return apply
+
+
+def _seq(gen, batch, lead, Ls, layout):
+    """(batch, *lead, *Ls) float64 tensor stored as requested."""
+    if layout == "contiguous":
+        return torch.randn(batch, *lead, *Ls, generator=gen, dtype=torch.float64)
+    if layout == "token_major":  # storage (batch, L, *lead): the channel stride is 1
+        x = torch.randn(batch, *Ls, *lead, generator=gen, dtype=torch.float64)
+        return x.permute(0, *range(2, 2 + len(lead)), 1)
+    if layout == "col_major_2d":  # NHWC storage (batch, H, W, *lead) walked column-major: Ls = (W, H)
+        W, H = Ls
+        x = torch.randn(batch, H, W, *lead, generator=gen, dtype=torch.float64)
+        k = len(lead)
+        return x.permute(0, *range(3, 3 + k), 2, 1)
+    raise AssertionError(layout)
+
+
+def make_case(seed=0, **overrides):
+    cfg = dict(DEFAULTS, **overrides)
+    gen = torch.Generator().manual_seed(seed)
+    batch, dim, G, N, Ls, layout = (cfg[k] for k in ("batch", "dim", "groups", "N", "Ls", "layout"))
+    x = dict(
+        u=_seq(gen, batch, (dim,), Ls, layout),
+        delta=_seq(gen, batch, (dim,), Ls, layout) * cfg["delta_scale"] + cfg["delta_shift"],
+        A=-(torch.rand(dim, N, generator=gen, dtype=torch.float64) + 0.2) * cfg["A_scale"],
+        B=_seq(gen, batch, (G, N), Ls, layout),
+        C=_seq(gen, batch, (G, N), Ls, layout),
+        D=torch.randn(dim, generator=gen, dtype=torch.float64) if cfg["D"] else None,
+        z=_seq(gen, batch, (dim,), Ls, layout) if cfg["z"] else None,
+        delta_bias=0.3 * torch.randn(dim, generator=gen, dtype=torch.float64) if cfg["bias"] else None,
+        initial_state=torch.randn(batch, dim, N, generator=gen, dtype=torch.float64) if cfg["h0"] else None,
+    )
+    # round to the tested dtypes first so that the oracle sees exactly the backend's inputs
+    # (.to keeps the strides of dense permuted views)
+    dtype, bc_dtype = cfg["dtype"], cfg["bc_dtype"] or cfg["dtype"]
+    for name in SEQ_NAMES:
+        if x[name] is not None:
+            x[name] = x[name].to(bc_dtype if name in "BC" else dtype).to(torch.float64)
+    dout = _seq(gen, batch, (dim,), Ls, layout).to(dtype)
+    dlast = torch.randn(batch, dim, N, generator=gen) if cfg["dlast"] else None
+    return cfg, x, dout, dlast
+
+
+def backend_inputs(cfg, inputs):
+    param = torch.float64 if cfg["dtype"] == torch.float64 else torch.float32
+    bc = cfg["bc_dtype"] or cfg["dtype"]
+    cast = dict(u=cfg["dtype"], delta=cfg["dtype"], z=cfg["dtype"], B=bc, C=bc, A=param, D=param,
+                delta_bias=param, initial_state=param)
+    return {k: (None if v is None else v.to(cast[k])) for k, v in inputs.items()}
+
+
+def run_backend(cfg, x, dout, dlast):
+    out, last, saved = tb.scan_forward(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
+                                       x["delta_bias"], x["initial_state"], cfg["softplus"], cfg["reverse"])
+    L = x["u"][0, 0].numel()
+    assert saved.dtype == torch.float32
+    assert tuple(saved.shape) == tb.saved_shape(cfg["batch"], cfg["dim"], L, cfg["N"])
+    grads = tb.scan_backward(dout, dlast, x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
+                             x["delta_bias"], x["initial_state"], saved, cfg["softplus"], cfg["reverse"])
+    return out, last, dict(zip(GRAD_NAMES, grads))
+
+
+def run_reference(cfg, inputs, dout, dlast):
+    leaves = {k: (None if v is None else v.detach().clone().requires_grad_()) for k, v in inputs.items()}
+    out, last = selective_scan_reference(
+        leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], D=leaves["D"], z=leaves["z"],
+        delta_bias=leaves["delta_bias"], delta_softplus=cfg["softplus"], initial_state=leaves["initial_state"],
+        reverse=cfg["reverse"], return_last_state=True)
+    loss = (out * dout.double()).sum()
+    if dlast is not None:
+        loss = loss + (last * dlast.double()).sum()
+    present = [k for k in GRAD_NAMES if leaves[k] is not None]
+    grads = torch.autograd.grad(loss, [leaves[k] for k in present])
+    return out.detach(), last.detach(), dict(zip(present, grads))
+
+
+def assert_close(name, actual, expected, dtype):
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if actual.numel() == 0:
+        return
+    tol = TOLERANCE[dtype]
+    scale = max(1.0, expected.abs().max().item())
+    err = (actual.double() - expected).abs().max().item()
+    assert err <= tol * scale, f"{name}: max abs error {err:.3e} > {tol:.0e} * {scale:.3g}"
+
+
+def check_case(backend_settings, seed=0, **overrides):
+    cfg, inputs, dout, dlast = make_case(seed, **overrides)
+    backend_settings(cfg["layout_mode"], cfg["block"])
+    x = backend_inputs(cfg, inputs)
+    originals = {k: v.clone() for k, v in x.items() if v is not None}
+    if cfg["layout"] != "contiguous":
+        assert not x["u"].is_contiguous(), "test bug: the strided layout was lost"
+    out, last, grads = run_backend(cfg, x, dout, dlast)
+    ref_out, ref_last, ref_grads = run_reference(cfg, inputs, dout, dlast)
+    dtype = cfg["dtype"]
+    param = torch.float64 if dtype == torch.float64 else torch.float32
+    assert out.dtype == dtype and out.is_contiguous() and out.shape == x["u"].shape
+    assert last.dtype == param and last.shape == (cfg["batch"], cfg["dim"], cfg["N"])
+    assert_close("out", out, ref_out, dtype)
+    assert_close("last_state", last, ref_last, dtype)
+    for name in GRAD_NAMES:
+        if inputs[name] is None:
+            assert grads[name] is None, f"d{name} must be None when {name} is None"
+            continue
+        grad = grads[name]
+        want_dtype = x[name].dtype if name in SEQ_NAMES else param
+        assert grad.dtype == want_dtype, f"d{name}: dtype {grad.dtype} != {want_dtype}"
+        assert grad.shape == x[name].shape, f"d{name}: shape {tuple(grad.shape)} != {tuple(x[name].shape)}"
+        assert_close(f"d{name}", grad, ref_grads[name], dtype)
+    for name, value in originals.items():  # the backend must not write into its inputs
+        assert torch.equal(x[name], value), f"{name} was modified"
+    return out, last, grads
+
+
+# --- sweeps -----------------------------------------------------------------------------------------
+
+LENGTHS = (1, 2, 7, 63, 64, 65, 197, 256, 1024)
+STATES = (1, 4, 16)
+# every (L, N) pair, each with a different mix of options, both layouts and a second block size,
+# so that across the sweep every option meets short, chunk-aligned and ragged lengths
+_OPTION_CYCLE = [
+    dict(**ALL),
+    dict(reverse=True, D=True, z=True),
+    dict(groups=2, bias=True, softplus=True, h0=True),
+    dict(reverse=True, dlast=True, h0=True, layout="token_major", **{"z": True}),
+    dict(groups=4, dim=8, reverse=True, **ALL),
+    dict(softplus=True, bias=True, dlast=True, layout="token_major"),
+]
+
+
+def _sweep_cases():
+    cases = {}
+    for i, (L, N) in enumerate(itertools.product(LENGTHS, STATES)):
+        opts = dict(_OPTION_CYCLE[i % len(_OPTION_CYCLE)])
+        opts.update(Ls=(L,), N=N, layout_mode=("shared", "rows")[i % 2])
+        if L >= 256:  # keep the float64 reference loop cheap
+            opts.update(batch=1, dim=opts.get("dim", 4) // 2 if opts.get("groups", 1) < 4 else 8)
+        if i % 3 == 0:
+            opts.update(block=3 * L * N)  # several row blocks per call
+        cases[f"L{L}_N{N}"] = opts
+    return cases
+
+
+SWEEP = _sweep_cases()
+
+
+@pytest.mark.parametrize("case", list(SWEEP), ids=list(SWEEP))
+def test_lengths_and_states_match_reference(backend_settings, case):
+    check_case(backend_settings, **SWEEP[case])
+
+
+OPTION_NAMES = ("D", "z", "bias", "softplus", "reverse", "h0")
+
+
+@pytest.mark.parametrize("layout_mode", ["shared", "rows"])
+@pytest.mark.parametrize("mask", range(2 ** len(OPTION_NAMES)), ids=lambda m: f"opts{m:02d}")
+def test_every_option_combination(backend_settings, mask, layout_mode):
+    opts = {name: bool(mask >> i & 1) for i, name in enumerate(OPTION_NAMES)}
+    check_case(backend_settings, seed=mask, Ls=(20,), N=3, dlast=bool(mask & 1), layout_mode=layout_mode, **opts)
+
+
+@pytest.mark.parametrize("layout_mode", ["shared", "rows"])
+@pytest.mark.parametrize("groups,dim,block", [(1, 8, None), (2, 8, 3 * 20 * 3), (4, 8, 2 * 20 * 3), (8, 8, None),
+                                               (2, 12, 5 * 20 * 3)])
+def test_groups_and_row_blocks(backend_settings, groups, dim, block, layout_mode):
+    # blocks that cover several batch items, whole groups, or part of one group (dB/dC accumulate)
+    check_case(backend_settings, groups=groups, dim=dim, batch=3, Ls=(20,), N=3, block=block,
+               layout_mode=layout_mode, reverse=groups % 2 == 0, **ALL)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("layout", ["token_major", "col_major_2d"])
+def test_strided_layouts(backend_settings, layout, reverse):
+    Ls = (5, 7) if layout == "col_major_2d" else (33,)
+    check_case(backend_settings, layout=layout, Ls=Ls, groups=2, reverse=reverse, **ALL)
+
+
+def test_two_level_sequence_equals_flattened():
+    cfg, inputs, dout, dlast = make_case(4, Ls=(6, 5), layout="col_major_2d", **ALL)
+    x = backend_inputs(cfg, inputs)
+    flat = {k: (v.reshape(*v.shape[:-2], -1) if k in SEQ_NAMES and v is not None else v) for k, v in x.items()}
+    args = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+    out2, last2, _ = tb.scan_forward(*(x[k] for k in args), True, True)
+    out1, last1, _ = tb.scan_forward(*(flat[k] for k in args), True, True)
+    assert out2.shape == x["u"].shape
+    torch.testing.assert_close(out2.reshape(out1.shape), out1, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(last2, last1, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,bc_dtype", [(torch.float16, None), (torch.bfloat16, None),
+                                            (torch.bfloat16, torch.float32), (torch.float64, None)])
+def test_dtypes(backend_settings, dtype, bc_dtype):
+    # half inputs: float32 state and accumulation, results rounded once; float64 computes in float64
+    check_case(backend_settings, dtype=dtype, bc_dtype=bc_dtype, Ls=(65,), groups=2, reverse=True, **ALL)
+
+
+def test_half_precision_against_float32_with_mamba_tolerances():
+    # mamba's selective-scan tests compare fp16/bf16 results with a float32 computation on the same
+    # (rounded) inputs: fp16 rtol 3e-3 / atol 5e-3, bf16 rtol 3e-2 / atol 5e-2, input grads at twice that
+    cfg, inputs, _, dlast = make_case(7, Ls=(197,), dim=8, N=16, delta_shift=-1.0, **ALL)
+    args = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+    for dtype, rtol, atol in ((torch.float16, 3e-3, 5e-3), (torch.bfloat16, 3e-2, 5e-2)):
+        x = backend_inputs(dict(cfg, dtype=dtype), inputs)
+        x32 = {k: (v.float() if v is not None and k in SEQ_NAMES else v) for k, v in x.items()}
+        dout = torch.randn(x["u"].shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+        out, last, saved = tb.scan_forward(*(x[k] for k in args), True, False)
+        want, want_last, saved32 = tb.scan_forward(*(x32[k] for k in args), True, False)
+        assert out.dtype == dtype and last.dtype == torch.float32
+        torch.testing.assert_close(out.float(), want, rtol=rtol, atol=atol)
+        torch.testing.assert_close(last, want_last, rtol=rtol, atol=atol)
+        grads = tb.scan_backward(dout, dlast, *(x[k] for k in args), saved, True, False)
+        want_grads = tb.scan_backward(dout.float(), dlast, *(x32[k] for k in args), saved32, True, False)
+        for name, g, w in zip(GRAD_NAMES, grads, want_grads):
+            assert g.dtype == (x[name].dtype if name in SEQ_NAMES else torch.float32), name
+            scale = max(1.0, w.abs().max().item())
+            torch.testing.assert_close(g.float(), w, rtol=2 * rtol, atol=2 * atol * scale, msg=name)
+
+
+# --- stress and special shapes -------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout_mode", ["shared", "rows"])
+def test_stress_large_softplus_arguments_and_very_negative_A(backend_settings, layout_mode):
+    # softplus arguments above 20 (identity branch) and A down to -1e3 (decays underflow to 0)
+    out, last, grads = check_case(backend_settings, Ls=(65,), delta_shift=22.0, delta_scale=3.0, A_scale=1e3,
+                                  layout_mode=layout_mode, **ALL)
+    for t in (out, last, *(g for g in grads.values() if g is not None)):
+        assert torch.isfinite(t).all()
+
+
+def test_stress_tiny_delta_over_long_sequence():
+    # delta ~1e-4 over L=8192: decays exp(dt*A) ~ 1 composed over 8192 steps, no drift, no NaN
+    gen = torch.Generator().manual_seed(5)
+    batch, dim, L, N = 1, 3, 8192, 4
+    u = torch.randn(batch, dim, L, generator=gen)
+    delta = 1e-4 * (1 + torch.rand(batch, dim, L, generator=gen))
+    A = -torch.rand(dim, N, generator=gen) * 2 - 0.1
+    B = torch.randn(batch, 1, N, L, generator=gen)
+    C = torch.randn(batch, 1, N, L, generator=gen)
+    out, last, saved = tb.scan_forward(u, delta, A, B, C, None, None, None, None, False, False)
+    with torch.no_grad():
+        ref_out, ref_last = selective_scan_reference(u.double(), delta.double(), A.double(), B.double(),
+                                                     C.double(), return_last_state=True)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(last.double(), ref_last, rtol=1e-4, atol=2e-5)
+    grads = tb.scan_backward(torch.ones_like(out), torch.ones_like(last), u, delta, A, B, C, None, None, None,
+                             None, saved, False, False)
+    for g in grads:
+        assert g is None or torch.isfinite(g).all()
+
+
+def test_long_sequence_float64_gradients(backend_settings):
+    # many chunks (nc ~ 70): the chunk passes forward and backward
+    check_case(backend_settings, dtype=torch.float64, Ls=(5000,), batch=1, dim=2, N=2, reverse=True, **ALL)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_channel_mixer_shape(backend_settings, reverse):
+    # many short independent sequences: batch = tokens, dim = 1 (rows layout, several blocks)
+    check_case(backend_settings, batch=300, dim=1, N=16, Ls=(48,), block=48 * 16 * 70, reverse=reverse, **ALL)
+
+
+def test_empty_batch_and_single_step():
+    u = torch.zeros(0, 3, 5)
+    B = torch.zeros(0, 1, 2, 5)
+    A = -torch.ones(3, 2)
+    out, last, saved = tb.scan_forward(u, u, A, B, B, None, None, None, None, True, False)
+    assert out.shape == (0, 3, 5) and last.shape == (0, 3, 2)
+    grads = tb.scan_backward(out, None, u, u, A, B, B, None, None, None, None, saved, True, False)
+    assert grads[0].shape == u.shape and grads[3].shape == B.shape
+    assert torch.equal(grads[2], torch.zeros(3, 2))
+
+
+def test_chunking_and_saved_shape():
+    for L in (1, 2, 7, 64, 197, 3136, 100000):
+        T, nc = tb.chunking(L)
+        assert T * (nc - 1) < L <= T * nc and T * nc - L < nc  # padding stays below nc steps
+        assert tb.saved_shape(2, 3, L, 4) == (2, 3, nc, 4)
+    assert tb.unavailable_reason(torch.device("cpu")) is None
+
+
+def test_workspace_is_reused_and_released():
+    cfg, inputs, dout, dlast = make_case(1, Ls=(30,), **ALL)
+    x = backend_inputs(cfg, inputs)
+    args = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+    first = tb.scan_forward(*(x[k] for k in args), True, False)[0]
+    second = tb.scan_forward(*(x[k] for k in args), True, False)[0]
+    assert torch.equal(first, second)  # a reused (dirty) workspace gives identical results
+    tb.release_workspace()
+    assert torch.equal(tb.scan_forward(*(x[k] for k in args), True, False)[0], first)
