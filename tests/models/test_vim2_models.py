@@ -341,6 +341,7 @@ def test_bf16_autocast_cpu():
 
 
 def test_torch_compile_whole_model():
+    """Inductor, one graph for the whole model (the scans are opaque custom ops)."""
     model = timm.create_model('test_vim2').eval()
     x = _inputs(batch=2)
     with torch.no_grad():
@@ -348,6 +349,26 @@ def test_torch_compile_whole_model():
         compiled = torch.compile(model, fullgraph=True)
         out = compiled(x)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_compile_training_step():
+    """Forward + backward through dynamo/AOTAutograd in one graph (aot_eager: inductor's C++ build of
+    the backward takes minutes on CPU, which is the compiler's cost, not the model's)."""
+    model = timm.create_model('test_vim2', drop_path_rate=0.1).train()
+    x = _inputs(batch=2)
+
+    def step(fn):
+        torch.manual_seed(7)
+        model.zero_grad()
+        out = fn(x)
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    out_ref, grads_ref = step(model)
+    out, grads = step(torch.compile(model, fullgraph=True, backend='aot_eager'))
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_odd_input_sizes_are_zero_padded():
