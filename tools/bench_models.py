@@ -1,0 +1,392 @@
+#!/usr/bin/env python
+"""Throughput and peak memory of ViM2-T against timm peers across input sizes, in one run.
+
+For every (model, input size) a fresh worker process builds the model for that size and measures
+
+* inference: ``model.eval()`` forward passes under ``torch.inference_mode``;
+* one training step: forward, cross-entropy, backward and an AdamW step;
+
+recording the median time per batch (images/s = batch / time) and the peak memory of each phase:
+on CUDA ``torch.cuda.max_memory_allocated``; on CPU the growth of the worker's peak resident set
+(Linux ``VmHWM``, reset between phases through ``/proc/self/clear_refs``) over its resident set
+before the model was built, so weights, activations, gradients and optimizer state all count.
+
+Fixed-size peers are built for each size: DeiT with ``img_size`` (a position embedding of the new
+length; interpolation of pretrained ones does not matter for speed), Swin with ``img_size`` and its
+7x7 windows (timm pads maps not divisible by 7), ConvNeXt/ResNet/ViM2 take any size. A peer that
+cannot run gets ``n/a`` and the reason.
+
+Outputs (``--out-dir``): ``bench.csv``, ``bench.md`` (tables + scaling summary), ``bench.png``.
+
+    python tools/bench_models.py --device cpu --batch-size 1 --repeats 2 --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+DEFAULT_MODELS = ["vim2_tiny", "deit_small_patch16_224", "swin_tiny_patch4_window7_224", "convnext_tiny", "resnet50"]
+DEFAULT_SIZES = [224, 384, 512, 1024]
+LABELS = {
+    "vim2_tiny": "ViM2-T", "deit_small_patch16_224": "DeiT-S", "swin_tiny_patch4_window7_224": "Swin-T",
+    "convnext_tiny": "ConvNeXt-T", "resnet50": "ResNet-50",
+}
+FIELDS = ["model", "img_size", "mode", "batch_size", "device", "threads", "status", "time_ms", "images_per_s",
+          "peak_mem_mb", "params_m", "repeats", "notes"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Worker (one model, one size; runs in its own process)
+# --------------------------------------------------------------------------------------------------
+
+def _rss_kb(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # Linux: reset VmHWM (peak RSS) to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def _build(name: str, size: int):
+    import timm
+    import vim2.models  # noqa: F401  registers vim2_*
+
+    notes = []
+    kwargs: Dict[str, Any] = {}
+    if name.startswith(("deit", "vit")):
+        kwargs["img_size"] = size
+        notes.append(f"img_size={size}")
+    elif name.startswith("swin"):
+        kwargs["img_size"] = size
+        notes.append(f"img_size={size}, 7x7 windows")
+    return timm.create_model(name, **kwargs), ", ".join(notes)
+
+
+def _time(fn, warmup: int, repeats: int, sync) -> float:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def run_worker(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Measure one (model, size) for every requested mode; returns CSV rows."""
+    import torch
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    base = dict(model=spec["model"], img_size=spec["size"], batch_size=spec["batch_size"], device=spec["device"],
+                threads=torch.get_num_threads(), repeats=spec["repeats"])
+    rss_before = _rss_kb("VmRSS")
+    try:
+        model, notes = _build(spec["model"], spec["size"])
+    except Exception as exc:  # a peer that cannot be built at this size
+        return [dict(base, mode=m, status="n/a", notes=f"cannot build: {type(exc).__name__}: {exc}"[:300])
+                for m in spec["modes"]]
+    model.to(device)
+    params_m = sum(p.numel() for p in model.parameters()) / 1e6
+    x = torch.randn(spec["batch_size"], 3, spec["size"], spec["size"], device=device)
+    y = torch.randint(0, model.num_classes, (spec["batch_size"],), device=device)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if spec["amp"] == "bf16"
+                else torch.autocast(device.type, enabled=False))
+    rows = []
+    for mode in spec["modes"]:
+        if mode == "infer":
+            model.eval()
+
+            def step():
+                with torch.inference_mode(), autocast:
+                    model(x)
+        else:
+            model.train()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+            def step():
+                with autocast:
+                    loss = torch.nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        reset = _reset_peak_rss()
+        try:
+            seconds = _time(step, spec["warmup"], spec["repeats"], sync)
+        except Exception as exc:  # e.g. out of memory, unsupported size
+            rows.append(dict(base, mode=mode, status="n/a", params_m=round(params_m, 2),
+                             notes=f"{type(exc).__name__}: {exc}"[:300]))
+            continue
+        if cuda:
+            peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+        else:
+            hwm = _rss_kb("VmHWM")
+            # without a peak reset (non-Linux) the high-water mark covers everything so far
+            peak_mb = (hwm - rss_before) / 1024 if hwm is not None and rss_before is not None else float("nan")
+            if not reset:
+                notes = (notes + ", " if notes else "") + "peak RSS not resettable: cumulative"
+        rows.append(dict(base, mode=mode, status="ok", time_ms=round(seconds * 1e3, 2),
+                         images_per_s=round(spec["batch_size"] / seconds, 3), peak_mem_mb=round(peak_mb, 1),
+                         params_m=round(params_m, 2), notes=notes))
+        if mode == "train":
+            del optimizer
+            model.zero_grad(set_to_none=True)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------------
+
+def _machine_description(device: str) -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
+        if names:
+            cpu = f"{names[0]} x{len(names)} logical CPUs"
+    except OSError:
+        pass
+    text = f"{cpu}; torch {torch.__version__}; Python {platform.python_version()}"
+    if device.startswith("cuda") and torch.cuda.is_available():
+        text = f"{torch.cuda.get_device_name(0)}; " + text
+    try:
+        load = os.getloadavg()
+        text += f"; load average at start {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}"
+    except OSError:
+        pass
+    return text
+
+
+def _fit_slope(points: List[tuple]) -> Optional[float]:
+    """Least-squares slope of log(time) against log(pixels): 1.0 = linear in pixel count."""
+    if len(points) < 2:
+        return None
+    xs = [math.log(p) for p, _ in points]
+    ys = [math.log(t) for _, t in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    denom = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / denom if denom else None
+
+
+def summarise(rows: List[Dict[str, Any]], focus: str = "vim2_tiny", peer: str = "deit_small_patch16_224") -> List[str]:
+    """Scaling of ``focus`` with pixel count, and ``focus`` vs ``peer`` at the largest common size."""
+    lines = []
+    ok = [r for r in rows if r.get("status") == "ok"]
+    for mode in ("infer", "train"):
+        for name in (focus, peer):
+            pts = sorted((int(r["img_size"]) ** 2, float(r["time_ms"])) for r in ok
+                         if r["model"] == name and r["mode"] == mode)
+            slope = _fit_slope(pts)
+            if slope is None:
+                continue
+            (p0, t0), (p1, t1) = pts[0], pts[-1]
+            lines.append(
+                f"- {LABELS.get(name, name)} {mode}: time grows as pixels^{slope:.2f} (log-log fit over "
+                f"{len(pts)} sizes); {int(math.sqrt(p0))}->{int(math.sqrt(p1))}: pixels x{p1 / p0:.1f}, "
+                f"time x{t1 / t0:.1f}"
+            )
+        both = {}
+        for r in ok:
+            if r["mode"] == mode and r["model"] in (focus, peer):
+                both.setdefault(int(r["img_size"]), {})[r["model"]] = r
+        common = [s for s, v in both.items() if len(v) == 2]
+        if common:
+            size = max(common)
+            a, b = both[size][focus], both[size][peer]
+            speed = float(b["time_ms"]) / float(a["time_ms"])
+            mem = float(b["peak_mem_mb"]) / float(a["peak_mem_mb"]) if float(a["peak_mem_mb"]) > 0 else float("nan")
+            lines.append(
+                f"- {mode} at {size}x{size}: {LABELS.get(focus, focus)} {float(a['time_ms']):.0f} ms, "
+                f"{float(a['peak_mem_mb']):.0f} MB vs {LABELS.get(peer, peer)} {float(b['time_ms']):.0f} ms, "
+                f"{float(b['peak_mem_mb']):.0f} MB: {LABELS.get(focus, focus)} is "
+                f"{'faster' if speed > 1 else 'slower'} (x{speed if speed > 1 else 1 / speed:.2f}) and "
+                f"{'lighter' if mem > 1 else 'heavier'} (x{mem if mem > 1 else 1 / mem:.2f})"
+            )
+    return lines
+
+
+def write_markdown(rows: List[Dict[str, Any]], path: Path, header: str, summary: List[str]) -> None:
+    sizes = sorted({int(r["img_size"]) for r in rows})
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    index = {(r["model"], int(r["img_size"]), r["mode"]): r for r in rows}
+    out = [header, ""]
+    for mode, title in (("infer", "Inference"), ("train", "One training step (forward + backward + AdamW)")):
+        if not any(r["mode"] == mode for r in rows):
+            continue
+        out += [f"#### {title}: images/s | peak memory (MB)", "",
+                "| model | " + " | ".join(f"{s}x{s}" for s in sizes) + " |",
+                "|---|" + "---|" * len(sizes)]
+        for name in models:
+            cells = []
+            for s in sizes:
+                r = index.get((name, s, mode))
+                if r is None:
+                    cells.append("-")
+                elif r["status"] != "ok":
+                    cells.append(f"n/a ({r.get('notes', '')[:60]})")
+                else:
+                    cells.append(f"{float(r['images_per_s']):.3g} \\| {float(r['peak_mem_mb']):.0f}")
+            out.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+        out.append("")
+    if summary:
+        out += ["#### Scaling", ""] + summary + [""]
+    path.write_text("\n".join(out) + "\n", encoding="utf-8")
+
+
+def plot(rows: List[Dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.get("status") == "ok"]
+    modes = [m for m in ("infer", "train") if any(r["mode"] == m for r in ok)]
+    fig, axes = plt.subplots(2, len(modes), figsize=(6 * len(modes), 9), squeeze=False)
+    for col, mode in enumerate(modes):
+        for name in dict.fromkeys(r["model"] for r in ok):
+            pts = sorted((int(r["img_size"]), float(r["time_ms"]) / int(r["batch_size"]), float(r["peak_mem_mb"]))
+                         for r in ok if r["model"] == name and r["mode"] == mode)
+            if not pts:
+                continue
+            sizes = [p[0] for p in pts]
+            style = dict(marker="o", linewidth=2.5 if name == "vim2_tiny" else 1.2, label=LABELS.get(name, name))
+            axes[0][col].plot(sizes, [p[1] for p in pts], **style)
+            axes[1][col].plot(sizes, [p[2] for p in pts], **style)
+            if name == "vim2_tiny":  # where time/memory would be if they grew exactly with pixel count
+                for row, idx in ((0, 1), (1, 2)):
+                    ref = [pts[0][idx] * (s / sizes[0]) ** 2 for s in sizes]
+                    axes[row][col].plot(sizes, ref, "k:", linewidth=1, label="ViM2-T x pixels (linear)")
+        for row, ylabel in ((0, "time per image (ms)"), (1, "peak memory (MB)")):
+            ax = axes[row][col]
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xticks(sorted({int(r["img_size"]) for r in ok}))
+            ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.set_xlabel("input size (pixels per side)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{'inference' if mode == 'infer' else 'training step'}: {ylabel}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def measure_in_subprocess(spec: Dict[str, Any], timeout: float) -> List[Dict[str, Any]]:
+    """Run :func:`run_worker` for ``spec`` in a fresh Python process; failures become ``n/a`` rows."""
+    def failed(reason: str) -> List[Dict[str, Any]]:
+        return [dict(model=spec["model"], img_size=spec["size"], mode=m, batch_size=spec["batch_size"],
+                     device=spec["device"], status="n/a", notes=reason[:300]) for m in spec["modes"]]
+
+    try:
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return failed(f"timeout after {timeout:.0f}s")
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH_ROWS ")]
+    if proc.returncode != 0 or not lines:
+        if proc.returncode in (-9, 137):
+            return failed("worker killed (out of memory?)")
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return failed(f"worker failed: {tail[0]}")
+    return json.loads(lines[-1][len("BENCH_ROWS "):])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--sizes", type=int, nargs="+", default=DEFAULT_SIZES)
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
+    parser.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per worker")
+    parser.add_argument("--amp", default="none", choices=["none", "bf16"], help="autocast dtype")
+    parser.add_argument("--worker-timeout", type=float, default=900, help="seconds per (model, size) worker")
+    parser.add_argument("--out-dir", default="bench_out", help="where bench.csv/.md/.png go")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.worker:
+        print("BENCH_ROWS " + json.dumps(run_worker(json.loads(args.worker))), flush=True)
+        return 0
+    if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0:
+        raise SystemExit("--batch-size and --repeats must be >= 1, --warmup >= 0")
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    machine = _machine_description(args.device)
+    print(f"bench: {machine}", flush=True)
+    rows: List[Dict[str, Any]] = []
+    start = time.perf_counter()
+    for size in args.sizes:
+        for name in args.models:
+            for mode in args.modes:  # one process per measurement: clean peak memory, no state carried over
+                spec = dict(model=name, size=size, batch_size=args.batch_size, device=args.device,
+                            threads=args.threads, repeats=args.repeats, warmup=args.warmup, modes=[mode],
+                            amp=args.amp)
+                t0 = time.perf_counter()
+                new = measure_in_subprocess(spec, args.worker_timeout)
+                rows.extend(new)
+                for r in new:
+                    shown = (f"{r['images_per_s']:.3g} img/s, {r['time_ms']:.0f} ms, {r['peak_mem_mb']:.0f} MB"
+                             if r["status"] == "ok" else f"n/a: {r.get('notes', '')}")
+                    print(f"bench: {name:30s} {size:5d} {r['mode']:5s} {shown} "
+                          f"({time.perf_counter() - t0:.0f}s)", flush=True)
+                with (out_dir / "bench.csv").open("w", newline="") as handle:  # rewritten as results arrive
+                    writer = csv.DictWriter(handle, fieldnames=FIELDS, extrasaction="ignore")
+                    writer.writeheader()
+                    writer.writerows(rows)
+    total = time.perf_counter() - start
+    header = (f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {machine}; device {args.device}, batch "
+              f"{args.batch_size}, threads {args.threads or 'default'}, amp {args.amp}, median of {args.repeats} "
+              f"after {args.warmup} warm-up; whole run {total / 60:.1f} min.")
+    summary = summarise(rows)
+    write_markdown(rows, out_dir / "bench.md", header, summary)
+    plot(rows, out_dir / "bench.png", f"ViM2-T vs timm peers, {args.device}, batch {args.batch_size}")
+    print("\n".join(summary))
+    print(f"bench: wrote {out_dir / 'bench.csv'}, {out_dir / 'bench.md'}, {out_dir / 'bench.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
