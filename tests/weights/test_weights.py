@@ -402,3 +402,18 @@ def test_cli_convert_reports_mismatch(source_model, tmp_path, capsys):
     assert convert_main([str(path), "-o", str(tmp_path / "out"), "--model", "vim2_tiny", "--num-classes", "5"]) == 2
     assert "shape mismatches" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_openmmlab_ema_state_dict(source_model):
+    """mmengine's EMAHook stores `ema_state_dict` with `module.backbone.` keys and a `steps` counter."""
+    plain = source_model.state_dict()
+    ema = {k: (v * 2 if v.is_floating_point() else v) for k, v in plain.items() if not k.startswith("head.fc.")}
+    checkpoint = {
+        "meta": {"dataset_meta": {"classes": ["a", "b"]}},
+        "state_dict": _prefixed({k: v for k, v in plain.items() if not k.startswith("head.fc.")}, "backbone."),
+        "ema_state_dict": {"steps": torch.tensor(100), **_prefixed(ema, "module.backbone.")},
+    }
+    result = convert_checkpoint(checkpoint, MODEL, ema=True)
+    assert result.stripped_prefix == "module.backbone." and result.dropped_keys == ["steps"]
+    assert result.model.num_classes == 0
+    assert torch.equal(result.model.state_dict()["stem.conv.weight"], ema["stem.conv.weight"])
