@@ -16,9 +16,10 @@ The output mirrors the ``data/`` tree that mmdet's and mmseg's base configs poin
 Images show non-overlapping filled shapes (square, disk, triangle) on a noisy background; every
 shape type has its own colour, so a detector or segmenter can actually learn them.
 
-COCO: the shapes carry COCO's own first category ids and names (1 'person' = square, 2 'bicycle' =
-disk, 3 'car' = triangle; the shape is in ``supercategory``), so mmdet's ``CocoDataset`` with its
-default 80-class metainfo reads them. Every instance is one polygon; the mask drawn into the image
+COCO: the json lists COCO's 80 categories (ids and names, as the real files do) and the shapes use
+the first three (1 'person' = square, 2 'bicycle' = disk, 3 'car' = triangle; the shape is in
+``supercategory``), so mmdet's ``CocoDataset`` and ``CocoMetric`` with their default 80 classes
+read and evaluate them unchanged. Every instance is one polygon; the mask drawn into the image
 is that same polygon, so box, polygon and pixels agree.
 
 ADE20K: label maps use ADE20K's raw convention, 0 = "other/unlabelled" (a 4-pixel border here) and
@@ -43,6 +44,25 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ("square", "disk", "triangle")
+# COCO 2017's 80 detection categories as (id, name), ids with COCO's gaps. The json lists them all,
+# like the real instances files, so that a detector's 80 class indices map to category ids.
+COCO_CATEGORIES = tuple(zip(
+    (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31,
+     32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57,
+     58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87,
+     88, 89, 90),
+    ("person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+     "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+     "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+     "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+     "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+     "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+     "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed",
+     "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+     "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+     "teddy bear", "hair drier", "toothbrush"),
+))
+assert len(COCO_CATEGORIES) == 80
 # (COCO category id, COCO name) per shape: the first three COCO categories.
 COCO_CATEGORY_OF_SHAPE = {"square": (1, "person"), "disk": (2, "bicycle"), "triangle": (3, "car")}
 # Raw ADE20K label ids (1-based, before reduce_zero_label) per shape, and for the background.
@@ -139,14 +159,15 @@ def write_coco_split(root: Path, split: str, num_images: int, size: int, rng: np
             })
             annotation_id += 1
         image_id += 1
+    shape_of_category = {cat_id: f"synthetic-{shape}" for shape, (cat_id, _) in COCO_CATEGORY_OF_SHAPE.items()}
     coco = {
         "info": {"description": "vim2 synthetic shapes in COCO format (tools/make_synthetic_mm_data.py)",
                  "version": "1.0", "year": 2024, "contributor": "vim2", "date_created": "2024-01-01"},
         "licenses": [{"id": 1, "name": "CC0-1.0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"}],
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": cat_id, "name": name, "supercategory": f"synthetic-{shape}"}
-                       for shape, (cat_id, name) in COCO_CATEGORY_OF_SHAPE.items()],
+        "categories": [{"id": cat_id, "name": name, "supercategory": shape_of_category.get(cat_id, "unused")}
+                       for cat_id, name in COCO_CATEGORIES],
     }
     with open(root / "annotations" / f"instances_{split}2017.json", "w") as f:
         json.dump(coco, f)
