@@ -10,6 +10,7 @@ reads timm-format (``.safetensors``/``.pth``, including ``vim2-export`` director
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import os
 import os.path as osp
@@ -58,7 +59,9 @@ def _cached_download(url: str) -> str:
     """Downloads ``url`` once into torch.hub's checkpoint cache and returns the local path."""
     cache_dir = osp.join(torch.hub.get_dir(), "checkpoints")
     os.makedirs(cache_dir, exist_ok=True)
-    local = osp.join(cache_dir, osp.basename(urlparse(url).path))
+    # Hub-style URLs share file names (model.safetensors): key the cache by the whole URL.
+    url_key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    local = osp.join(cache_dir, f"{url_key}-{osp.basename(urlparse(url).path)}")
     if not osp.isfile(local):
         torch.hub.download_url_to_file(url, local, progress=False)
     return local
