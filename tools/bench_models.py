@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 DEFAULT_MODELS = ["vim2_tiny", "deit_small_patch16_224", "swin_tiny_patch4_window7_224", "convnext_tiny", "resnet50"]
 DEFAULT_SIZES = [224, 384, 512, 1024]
@@ -83,18 +83,33 @@ def _build(name: str, size: int):
     return timm.create_model(name, **kwargs), ", ".join(notes)
 
 
-def _time(fn, warmup: int, repeats: int, sync) -> float:
-    for _ in range(warmup):
-        fn()
+def _time(fn, warmup: int, repeats: int, sync, long_step: float) -> Tuple[float, int]:
+    """Median seconds per call, and how many timed calls it is over.
+
+    The first call is timed too: if it took ``long_step`` seconds or more, it is the measurement
+    (one-off start-up costs are negligible next to it, and repeating would blow the time budget).
+    Otherwise it counts as a warm-up call and ``repeats`` timed calls follow the remaining warm-ups.
+    """
+    start = time.perf_counter()
+    fn()
     sync()
-    times = []
-    for _ in range(repeats):
+    first = time.perf_counter() - start
+    if first >= long_step:
+        return first, 1
+    if warmup == 0:
+        times = [first]
+    else:
+        for _ in range(warmup - 1):
+            fn()
+        sync()
+        times = []
+    while len(times) < repeats:
         start = time.perf_counter()
         fn()
         sync()
         times.append(time.perf_counter() - start)
     times.sort()
-    return times[len(times) // 2]
+    return times[len(times) // 2], len(times)
 
 
 def run_worker(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -108,6 +123,9 @@ def run_worker(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     base = dict(model=spec["model"], img_size=spec["size"], batch_size=spec["batch_size"], device=spec["device"],
                 threads=torch.get_num_threads(), repeats=spec["repeats"])
+    import timm  # noqa: F401  imported (and torch's CPU kernels touched) before the memory baseline
+    import vim2.models  # noqa: F401
+    torch.nn.functional.conv2d(torch.randn(1, 3, 16, 16), torch.randn(4, 3, 3, 3)).sum().item()
     rss_before = _rss_kb("VmRSS")
     try:
         model, notes = _build(spec["model"], spec["size"])
@@ -143,7 +161,7 @@ def run_worker(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
             torch.cuda.reset_peak_memory_stats(device)
         reset = _reset_peak_rss()
         try:
-            seconds = _time(step, spec["warmup"], spec["repeats"], sync)
+            seconds, timed = _time(step, spec["warmup"], spec["repeats"], sync, spec["long_step"])
         except Exception as exc:  # e.g. out of memory, unsupported size
             rows.append(dict(base, mode=mode, status="n/a", params_m=round(params_m, 2),
                              notes=f"{type(exc).__name__}: {exc}"[:300]))
@@ -156,7 +174,7 @@ def run_worker(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
             peak_mb = (hwm - rss_before) / 1024 if hwm is not None and rss_before is not None else float("nan")
             if not reset:
                 notes = (notes + ", " if notes else "") + "peak RSS not resettable: cumulative"
-        rows.append(dict(base, mode=mode, status="ok", time_ms=round(seconds * 1e3, 2),
+        rows.append(dict(base, mode=mode, status="ok", time_ms=round(seconds * 1e3, 2), repeats=timed,
                          images_per_s=round(spec["batch_size"] / seconds, 3), peak_mem_mb=round(peak_mb, 1),
                          params_m=round(params_m, 2), notes=notes))
         if mode == "train":
@@ -337,8 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
+    parser.add_argument("--long-step", type=float, default=30.0,
+                        help="a first call taking this many seconds is the measurement (no warm-up/repeats)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker")
     parser.add_argument("--amp", default="none", choices=["none", "bf16"], help="autocast dtype")
+    parser.add_argument("--skip", nargs="+", default=[], metavar="MODEL:SIZE:MODE",
+                        help="measurements to leave out (recorded as n/a), e.g. vim2_tiny:1024:train")
     parser.add_argument("--worker-timeout", type=float, default=900, help="seconds per (model, size) worker")
     parser.add_argument("--out-dir", default="bench_out", help="where bench.csv/.md/.png go")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -363,9 +385,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             for mode in args.modes:  # one process per measurement: clean peak memory, no state carried over
                 spec = dict(model=name, size=size, batch_size=args.batch_size, device=args.device,
                             threads=args.threads, repeats=args.repeats, warmup=args.warmup, modes=[mode],
-                            amp=args.amp)
+                            amp=args.amp, long_step=args.long_step)
                 t0 = time.perf_counter()
-                new = measure_in_subprocess(spec, args.worker_timeout)
+                if f"{name}:{size}:{mode}" in args.skip:
+                    new = [dict(model=name, img_size=size, mode=mode, batch_size=args.batch_size,
+                                device=args.device, status="n/a", notes="skipped (--skip): over this run's time budget")]
+                else:
+                    new = measure_in_subprocess(spec, args.worker_timeout)
                 rows.extend(new)
                 for r in new:
                     shown = (f"{r['images_per_s']:.3g} img/s, {r['time_ms']:.0f} ms, {r['peak_mem_mb']:.0f} MB"
@@ -379,7 +405,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     total = time.perf_counter() - start
     header = (f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {machine}; device {args.device}, batch "
               f"{args.batch_size}, threads {args.threads or 'default'}, amp {args.amp}, median of {args.repeats} "
-              f"after {args.warmup} warm-up; whole run {total / 60:.1f} min.")
+              f"after {args.warmup} warm-up (a first call over {args.long_step:.0f}s is the single measurement); "
+              f"whole run {total / 60:.1f} min.")
     summary = summarise(rows)
     write_markdown(rows, out_dir / "bench.md", header, summary)
     plot(rows, out_dir / "bench.png", f"ViM2-T vs timm peers, {args.device}, batch {args.batch_size}")
