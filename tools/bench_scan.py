@@ -66,6 +66,10 @@ def _vim2(backend: str) -> Callable:
     def run(u, delta, A, B, C, D, z, delta_bias):
         return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True, backend=backend)
 
+    if backend == "torch":
+        from vim2_kernels.selective_scan.torch_backend import release_workspace
+
+        run.release_cached_memory = release_workspace
     return run
 
 
@@ -86,13 +90,19 @@ def _pscan_method() -> Callable:
 
 
 def _mamba_ref_method() -> Callable:
-    from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
+    except ImportError as exc:  # mamba_ssm's module imports its CUDA extension at import time
+        raise ImportError(f"{exc} (selective_scan_ref lives in mamba_ssm.ops.selective_scan_interface, which "
+                          "needs mamba_ssm's compiled CUDA extension to import)") from exc
 
     def run(u, delta, A, B, C, D, z, delta_bias):
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True)
 
     return run
 
+
+SLOW_METHODS = ("reference", "mamba_ref")  # plain loops over time: fewer timed runs
 
 METHOD_FACTORIES = {
     "torch": lambda: _vim2("torch"),
@@ -126,23 +136,51 @@ def _call(fn: Callable, inputs: Dict[str, torch.Tensor], backward: bool, dout: t
     out.backward(dout)
 
 
-def time_call(fn, inputs, backward: bool, dout, repeats: int, budget_s: float) -> float:
-    """Median wall time (s) over up to ``repeats`` runs after one warm-up, within ``budget_s``."""
-    _call(fn, inputs, backward, dout)  # warm-up (caches, lazy inits)
-    times = []
-    start = time.perf_counter()
-    while len(times) < repeats:
-        t0 = time.perf_counter()
+def _timed(fn, inputs, backward: bool, dout):
+    w0, c0 = time.perf_counter(), time.process_time()
+    _call(fn, inputs, backward, dout)
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
+def time_methods(methods: Dict[str, Callable], inputs, backward: bool, dout, args) -> Dict[str, dict]:
+    """Round-robin timing: every round runs each method once, so that all methods see the same
+    machine load; ratios to the torch backend are taken within a round, then the median."""
+    wanted = {name: (args.slow_repeats if name in SLOW_METHODS else args.repeats) for name in methods}
+    runs = {name: [] for name in methods}
+    for name, fn in methods.items():  # warm-up (lazy initialisation, caches, workspace)
         _call(fn, inputs, backward, dout)
-        times.append(time.perf_counter() - t0)
-        if time.perf_counter() - start > budget_s and len(times) >= 1:
-            break
-    return statistics.median(times)
+    start = time.perf_counter()
+    for round_ in range(max(wanted.values())):
+        for name, fn in methods.items():
+            if round_ < wanted[name] and not (round_ >= 1 and time.perf_counter() - start > args.budget
+                                               and name in SLOW_METHODS):
+                runs[name].append((round_, *_timed(fn, inputs, backward, dout)))
+    base = {r: (w, c) for r, w, c in runs.get("torch", [])}
+    stats = {}
+    for name, rows in runs.items():
+        wall = [w for _, w, _ in rows]
+        cpu = [c for _, _, c in rows]
+        ratio_wall = [w / base[r][0] for r, w, _ in rows if r in base]
+        ratio_cpu = [c / base[r][1] for r, _, c in rows if r in base]
+        stats[name] = dict(
+            wall_s=statistics.median(wall), cpu_s=statistics.median(cpu), runs=len(rows),
+            ratio_vs_torch=statistics.median(ratio_wall) if ratio_wall else math.nan,
+            cpu_ratio_vs_torch=statistics.median(ratio_cpu) if ratio_cpu else math.nan,
+        )
+    return stats
 
 
 def peak_memory(fn, inputs, backward: bool, dout) -> Optional[int]:
-    """Peak bytes of torch CPU allocations made during one call (torch profiler memory events)."""
+    """Peak bytes of torch CPU allocations made during one call (torch profiler memory events).
+
+    Buffers a method keeps between calls (the torch backend's block workspace) are released first,
+    so that they are counted.
+    """
     from torch.profiler import ProfilerActivity, profile
+
+    reset = getattr(fn, "release_cached_memory", None)
+    if reset is not None:
+        reset()
 
     try:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -173,25 +211,20 @@ def run_shape(shape_name: str, methods: Dict[str, Callable], args) -> dict:
     batch, dim, seqlen, d_state, desc = SHAPES[shape_name]
     inputs = make_inputs(batch, dim, seqlen, d_state)
     dout = torch.randn(batch, dim, seqlen, generator=torch.Generator().manual_seed(1))
-    print(f"\n== {shape_name}: {desc}")
-    result = {"shape": dict(batch=batch, dim=dim, L=seqlen, N=d_state), "description": desc, "methods": {}}
+    print(f"\n== {shape_name}: {desc}", flush=True)
+    result = {"shape": dict(batch=batch, dim=dim, L=seqlen, N=d_state), "description": desc, "modes": {}}
     if args.check:
         for name, err in check_agreement(methods, inputs).items():
             print(f"   max |out - torch| for {name}: {err:.2e}")
-    for name, fn in methods.items():
-        entry = {}
-        for mode, backward in (("fwd", False), ("fwd_bwd", True)):
-            repeats = args.repeats if name not in ("reference", "mamba_ref") else args.slow_repeats
-            entry[f"{mode}_s"] = time_call(fn, inputs, backward, dout, repeats, args.budget)
-            if args.memory:
-                entry[f"{mode}_peak_bytes"] = peak_memory(fn, inputs, backward, dout)
-        result["methods"][name] = entry
-        print(f"   {name:<10} fwd {entry['fwd_s'] * 1e3:9.1f} ms   fwd+bwd {entry['fwd_bwd_s'] * 1e3:9.1f} ms")
-    base = result["methods"].get("torch")
-    if base:
-        for name, entry in result["methods"].items():
-            for mode in ("fwd", "fwd_bwd"):
-                entry[f"{mode}_ratio_vs_torch"] = entry[f"{mode}_s"] / base[f"{mode}_s"]
+    for mode, backward in (("fwd", False), ("fwd_bwd", True)):
+        stats = time_methods(methods, inputs, backward, dout, args)
+        if args.memory:
+            for name, fn in methods.items():
+                stats[name]["peak_bytes"] = peak_memory(fn, inputs, backward, dout)
+        result["modes"][mode] = stats
+        for name, st in stats.items():
+            print(f"   {mode:<8}{name:<10} {st['wall_s'] * 1e3:9.1f} ms wall  {st['cpu_s'] * 1e3:9.1f} ms cpu  "
+                  f"x{st['ratio_vs_torch']:.1f} ({st['runs']} runs)", flush=True)
     return result
 
 
@@ -200,16 +233,16 @@ def _mib(n: Optional[int]) -> str:
 
 
 def print_table(results: List[dict]) -> None:
-    print("\nratio = time of the method / time of the torch backend (higher: torch backend faster)")
-    header = (f"{'shape':<14}{'method':<11}{'fwd ms':>10}{'ratio':>8}{'fwd+bwd ms':>12}{'ratio':>8}"
-              f"{'peak fwd MiB':>14}{'peak f+b MiB':>14}")
+    print("\nratio = method time / torch-backend time, median over rounds that ran every method back to back"
+          "\n(wall clock; cpu = process CPU time, less sensitive to other load on the machine)")
+    header = (f"{'shape':<14}{'mode':<9}{'method':<11}{'ms':>9}{'ratio':>8}{'cpu ratio':>10}{'peak MiB':>10}")
     print(header)
     print("-" * len(header))
     for res in results:
-        for name, e in res["methods"].items():
-            print(f"{res['name']:<14}{name:<11}{e['fwd_s'] * 1e3:>10.1f}{e.get('fwd_ratio_vs_torch', math.nan):>8.1f}"
-                  f"{e['fwd_bwd_s'] * 1e3:>12.1f}{e.get('fwd_bwd_ratio_vs_torch', math.nan):>8.1f}"
-                  f"{_mib(e.get('fwd_peak_bytes')):>14}{_mib(e.get('fwd_bwd_peak_bytes')):>14}")
+        for mode, stats in res["modes"].items():
+            for name, st in stats.items():
+                print(f"{res['name']:<14}{mode:<9}{name:<11}{st['wall_s'] * 1e3:>9.1f}{st['ratio_vs_torch']:>8.1f}"
+                      f"{st['cpu_ratio_vs_torch']:>10.1f}{_mib(st.get('peak_bytes')):>10}")
     print(GOALS)
 
 
@@ -220,7 +253,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs of the fast methods (median)")
     parser.add_argument("--slow-repeats", type=int, default=3, help="timed runs of the loop references")
-    parser.add_argument("--budget", type=float, default=30.0, help="seconds per (method, mode) before stopping early")
+    parser.add_argument("--budget", type=float, default=60.0,
+                        help="seconds per (shape, mode) after which the loop references stop repeating")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
     parser.add_argument("--no-check", dest="check", action="store_false", help="skip the output agreement check")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")

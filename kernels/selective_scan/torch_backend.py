@@ -93,49 +93,111 @@ def saved_shape(batch: int, dim: int, seqlen: int, d_state: int) -> Tuple[int, .
 # ---------------------------------------------------------------------------------------------------
 
 class _Layout:
-    """Maps natural positions of a (1- or 2-level) sequence to the (T, nc) chunked scan order."""
+    """Maps natural positions of a (1- or 2-level) sequence to the (T, nc) step-major scan order.
+
+    Layout position k = t * nc + c holds scan position p = c * T + t, i.e. natural position p
+    (or L - 1 - p when reverse); positions p >= L are zero padding at the end of the last chunk.
+    """
 
     def __init__(self, seq_shape: Tuple[int, ...], reverse: bool, device: torch.device):
         self.seq_shape = tuple(seq_shape)
         self.L = L = math.prod(self.seq_shape)
         self.T, self.nc = T, nc = chunking(L)
         self.reverse = reverse
-        # layout position k = t * nc + c holds scan position p = c * T + t
+        self.device = device
         k = torch.arange(T * nc, device=device)
         p = (k % nc) * T + k // nc
         natural = (L - 1 - p) if reverse else p
         self.pad_from = L - (nc - 1) * T  # steps t >= pad_from of the last chunk are padding
-        natural = natural.clamp(0, L - 1)
+        self.natural = natural.clamp(0, L - 1)  # padding reads a real position, zeroed afterwards
         if len(self.seq_shape) == 2:
             L2 = self.seq_shape[1]
-            self.gather_index = (natural // L2, natural % L2)
+            self.gather_index = (self.natural // L2, self.natural % L2)
         else:
-            self.gather_index = (natural,)
-        # natural position i -> layout position
-        i = torch.arange(L, device=device)
+            self.gather_index = (self.natural,)
+        i = torch.arange(L, device=device)  # natural position i -> layout position
         p = (L - 1 - i) if reverse else i
         self.scatter_index = (p % T) * nc + p // T
+        self._row_indices = {}
 
-    def gather(self, x: Tensor, lead: int, dtype: torch.dtype) -> Tensor:
-        """x: (*lead_dims, *seq) any strides -> (T, nc, *lead_dims) contiguous ``dtype``, zero padded."""
-        nseq = len(self.seq_shape)
-        src = x.movedim(tuple(range(lead, lead + nseq)), tuple(range(nseq)))  # (*seq, *lead) view
-        out = src[self.gather_index]  # one gather; copies only the needed elements
-        if out.dtype != dtype:
-            out = out.to(dtype)
-        out = out.view(self.T, self.nc, *out.shape[1:])
+    def _rows(self, kind: str, inner: int) -> Tensor:
+        """Row indices for gathers/scatters that carry ``inner`` rows per position."""
+        key = (kind, inner)
+        if key not in self._row_indices:
+            r = torch.arange(inner, device=self.device)
+            if kind == "gather":  # layout row (k, r) <- transposed source row r * L + natural[k]
+                idx = self.natural[:, None] + self.L * r[None, :]
+            else:  # natural row (r, i) <- layout row scatter_index[i] * inner + r
+                idx = self.scatter_index[None, :] * inner + r[:, None]
+            self._row_indices[key] = idx.reshape(-1)
+        return self._row_indices[key]
+
+    def _seq_innermost(self, x: Tensor) -> bool:
+        """True when the sequence axes are the innermost, unit-stride axes (channel-major data)."""
+        if x.shape[-1] > 1 and x.stride(-1) != 1:
+            return False
+        return len(self.seq_shape) == 1 or x.shape[-2] == 1 or x.stride(-2) == x.shape[-1]
+
+    def gather(self, x: Tensor, lead: int, dtype: torch.dtype, move: int = 0,
+               out: Optional[Tensor] = None, tmp: Optional[Tensor] = None) -> Tensor:
+        """x (*lead_dims, *seq), any strides -> (T, nc, *lead_dims[lead-move:], *lead_dims[:lead-move]),
+        contiguous, in ``dtype``, zero padded. ``move`` trailing lead axes go right after the scan axes.
+        ``out`` / ``tmp``: optional flat workspace buffers for the result and the transpose.
+
+        Sequence-innermost data (channel-major) goes through a blocked 2-D transpose and a row gather
+        (both cache friendly); other strides (token-major, column-major 2-D routes, whose per-position
+        values are already close together) through one index gather.
+        """
+        shape = tuple(x.shape[:lead])
+        outer, moved = shape[: lead - move], shape[lead - move:]
+        R1, R2 = math.prod(outer), math.prod(moved)
+        rows = self.T * self.nc * R2
+        if self._seq_innermost(x) and R1 > 1:
+            x2 = x.reshape(R1, R2 * self.L)
+            if x2.dtype != dtype:
+                x2 = x2.to(dtype)
+            x2 = x2.contiguous()
+            if tmp is not None:
+                tr = tmp[: R2 * self.L * R1].view(R2 * self.L, R1)
+            else:
+                tr = torch.empty((R2 * self.L, R1), dtype=dtype, device=x.device)
+            tr.copy_(x2.t())  # blocked transpose
+            if out is not None:
+                out = torch.index_select(tr, 0, self._rows("gather", R2), out=out[: rows * R1].view(rows, R1))
+            else:
+                out = tr.index_select(0, self._rows("gather", R2))
+        else:
+            nseq = len(self.seq_shape)
+            src = x.movedim(tuple(range(lead, lead + nseq)), tuple(range(nseq)))  # (*seq, *lead)
+            if move:
+                order = list(range(nseq))
+                order += [nseq + i for i in range(lead - move, lead)] + [nseq + i for i in range(lead - move)]
+                src = src.permute(order)
+            res = src[self.gather_index]
+            if out is not None:
+                out = out[: res.numel()].view(res.shape)
+                out.copy_(res)
+            else:
+                out = res.to(dtype)
+        out = out.view(self.T, self.nc, *moved, *outer)
         if self.pad_from < self.T:
             out[self.pad_from:, self.nc - 1].zero_()
         return out
 
-    def scatter(self, y: Tensor, out: Tensor) -> Tensor:
-        """y: (T, nc, *lead) -> written into ``out`` (*lead, *seq) contiguous; returns out."""
-        rows = math.prod(y.shape[2:])
-        flat = y.reshape(self.T * self.nc, rows).t()  # (rows, T*nc) view
-        if flat.dtype == out.dtype:
-            torch.index_select(flat, 1, self.scatter_index, out=out.view(rows, self.L))
+    def scatter(self, y: Tensor, out: Tensor, move: int = 0, tmp: Optional[Tensor] = None) -> Tensor:
+        """Inverse of gather: y (T, nc, *moved, *outer) -> ``out`` (*outer, *moved, *seq), contiguous."""
+        moved = y.shape[2:2 + move]
+        R2 = math.prod(moved)
+        R1 = math.prod(y.shape[2 + move:])
+        rows = y.reshape(self.T * self.nc * R2, R1)
+        index = self._rows("scatter", R2)
+        if tmp is not None and tmp.dtype == y.dtype:
+            tmp = torch.index_select(rows, 0, index, out=tmp[: index.numel() * R1].view(index.numel(), R1))
         else:
-            out.view(rows, self.L).copy_(flat.index_select(1, self.scatter_index))
+            tmp = rows.index_select(0, index)
+        if tmp.dtype != out.dtype:
+            tmp = tmp.to(out.dtype)
+        out.view(R1, R2 * self.L).copy_(tmp.t())  # blocked transpose
         return out
 
 
@@ -144,13 +206,14 @@ def _layout(seq_shape: Tuple[int, ...], reverse: bool, device: torch.device) -> 
     return _Layout(seq_shape, reverse, device)
 
 
-def _row_blocks(batch: int, groups: int, per_group: int, row_elems: int) -> Iterator[Tuple[slice, slice, slice]]:
+def _row_blocks(batch: int, groups: int, per_group: int, row_elems: int,
+                min_rows: int = 1) -> Iterator[Tuple[slice, slice, slice]]:
     """Splits the (batch, G, dim/G) rows into blocks of about ``_block_elems()`` state elements.
 
     A block covers whole batch items, or whole groups of one item, or part of one group, so that
     its B/C are a plain slice (channels of a block share the B/C rows of their groups).
     """
-    rows = max(1, _block_elems() // max(row_elems, 1))
+    rows = max(min_rows, _block_elems() // max(row_elems, 1))
     dim = groups * per_group
 
     def split(n, size):
@@ -219,14 +282,13 @@ class _Problem:
         self.dt = dt
         self.u = lay.gather(u, 2, cd).view(pos_shape)
         self.x = dt * self.u
-        seq_axes = tuple(range(3, B.dim()))
         if self.shared:
             self.B = lay.gather(B, 3, cd)  # (T, nc, batch, G, N)
             self.C = lay.gather(C, 3, cd)
             self.At = A.to(cd).view(G, dpg, N).transpose(1, 2).contiguous()  # (G, N, dpg)
         else:
-            self.B = lay.gather(B.permute(2, 0, 1, *seq_axes), 3, cd)  # (T, nc, N, batch, G)
-            self.C = lay.gather(C.permute(2, 0, 1, *seq_axes), 3, cd)
+            # B/C are as large as the state here (one row each): gathered per row block
+            self.B, self.C = B, C
             self.At = A.to(cd).t().contiguous().view(N, 1, G, dpg)
         self.init = None
         if initial_state is not None:  # natural (batch, G, dpg, N)
@@ -234,13 +296,16 @@ class _Problem:
 
     # --- layout helpers -------------------------------------------------------------------------
     def blocks(self):
-        return list(_row_blocks(self.batch, self.G, self.dpg, self.T * self.nc * self.N))
+        # the rows layout gathers B/C per block: its blocks never split a group
+        return list(_row_blocks(self.batch, self.G, self.dpg, self.T * self.nc * self.N,
+                                min_rows=1 if self.shared else self.dpg))
 
-    def block(self, bs, gs, js) -> "_Block":
-        return _Block(self, bs, gs, js)
+    def block(self, bs, gs, js, work=None) -> "_Block":
+        return _Block(self, bs, gs, js, work)
 
     def max_block_numel(self) -> int:
-        return max(self.block(*b).numel for b in self.blocks())
+        return max(self.T * self.nc * self.N * (b.stop - b.start) * (g.stop - g.start) * (j.stop - j.start)
+                   for b, g, j in self.blocks())
 
 
 class _Block:
@@ -251,7 +316,7 @@ class _Block:
     B/C with a size-1 channel axis so that every product is a plain broadcast.
     """
 
-    def __init__(self, p: _Problem, bs: slice, gs: slice, js: slice):
+    def __init__(self, p: _Problem, bs: slice, gs: slice, js: slice, work=None):
         self.p, self.bs, self.gs, self.js = p, bs, gs, js
         self.shared = sh = p.shared
         bb, gb, jb = bs.stop - bs.start, gs.stop - gs.start, js.stop - js.start
@@ -262,8 +327,13 @@ class _Block:
         self.At = p.At[gs, :, js] if sh else p.At[:, :, gs, js]
         self.dt = self.pos(p.dt)
         self.x = self.pos(p.x)
-        self.B = self.bc(p.B)
-        self.C = self.bc(p.C)
+        if sh:
+            self.B = self.bc(p.B)
+            self.C = self.bc(p.C)
+        else:  # gather this block's B/C into (T, nc, N, bb, gb) workspace buffers
+            b_buf, c_buf, tmp = work
+            self.B = p.lay.gather(p.B[bs, gs], 3, p.cd, move=1, out=b_buf, tmp=tmp).unsqueeze(-1)
+            self.C = p.lay.gather(p.C[bs, gs], 3, p.cd, move=1, out=c_buf, tmp=tmp).unsqueeze(-1)
 
     def pos(self, t: Tensor) -> Tensor:
         """Global per-position (T, nc, batch, G, dpg) -> this block, broadcastable against the state."""
@@ -421,9 +491,10 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
     y = torch.empty(T, nc, p.batch, p.G, p.dpg, dtype=cd, device=dev)
     last = torch.empty(p.batch, p.G, p.dpg, N, dtype=cd, device=dev)
     saved = torch.empty(p.batch, p.G, p.dpg, nc, N, dtype=torch.float32, device=dev)
-    a_buf, x_buf = _ensure_buffers(2, p.max_block_numel(), cd, dev)
+    bufs = _ensure_buffers(2 if p.shared else 5, p.max_block_numel(), cd, dev)
+    a_buf, x_buf = bufs[:2]
     for bs, gs, js in p.blocks():
-        blk = p.block(bs, gs, js)
+        blk = p.block(bs, gs, js, work=bufs[2:5])
         a, X = blk.view(a_buf), blk.view(x_buf)
         ends = _decay_input_chunk_ends(blk, a, X, need_ends=nc > 1)
         init = None if p.init is None else p.init[bs, gs, js]
@@ -496,14 +567,26 @@ def _backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_st
     y = torch.empty(pos_shape, dtype=cd, device=dev) if z is not None else None
     dx = torch.empty(pos_shape, dtype=cd, device=dev)
     ddt = torch.empty(pos_shape, dtype=cd, device=dev)
-    dB = torch.zeros(p.B.shape, dtype=cd, device=dev)
-    dC = torch.zeros(p.C.shape, dtype=cd, device=dev)
+    seq = p.seq_shape
+    if p.shared:  # accumulated over blocks in the working layout (T, nc, batch, G, N), scattered at the end
+        dB = torch.zeros(p.B.shape, dtype=cd, device=dev)
+        dC = torch.zeros(p.C.shape, dtype=cd, device=dev)
+    else:  # rows layout: blocks cover whole groups; each block scatters its own slice
+        dB = torch.empty((batch, G, N) + seq, dtype=B.dtype, device=dev)
+        dC = torch.empty((batch, G, N) + seq, dtype=C.dtype, device=dev)
     dA = torch.zeros(p.At.shape, dtype=cd, device=dev)
     dinit = torch.empty(batch, G, dpg, N, dtype=cd, device=dev) if initial_state is not None else None
-    a_buf, h_buf, g_buf = _ensure_buffers(3, p.max_block_numel(), cd, dev)
+    bufs = _ensure_buffers(3 if p.shared else 8, p.max_block_numel(), cd, dev)
+    a_buf, h_buf, g_buf = bufs[:3]
     for bs, gs, js in p.blocks():
-        blk = p.block(bs, gs, js)
+        blk = p.block(bs, gs, js, work=bufs[3:6])
         a, H, Gs = blk.view(a_buf), blk.view(h_buf), blk.view(g_buf)
+        if p.shared:
+            dB_b, dC_b = blk.bc(dB), blk.bc(dC)
+        else:
+            bc_shape = blk.B.shape
+            dB_b = bufs[6][: math.prod(bc_shape)].view(bc_shape).zero_()
+            dC_b = bufs[7][: math.prod(bc_shape)].view(bc_shape).zero_()
         init = None if p.init is None else p.init[bs, gs, js]
         ends = _decay_input_chunk_ends(blk, a, H, need_ends=(cd != torch.float32 and nc > 1))
         if cd == torch.float32:
@@ -514,7 +597,7 @@ def _backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_st
         dy_b = blk.pos(dy)
         if y is not None:
             blk.sum_n(H, blk.C, blk.pos_out(y), tmp=Gs)
-        blk.sum_j(H, dy_b, blk.bc(dC), tmp=Gs)
+        blk.sum_j(H, dy_b, dC_b, tmp=Gs)
         # state gradient g_t = C_t dy_t + a_{t+1} g_{t+1} (+ dlast at the final step), right to left
         torch.mul(blk.C, dy_b, out=Gs)
         if dlast is not None:
@@ -531,13 +614,15 @@ def _backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_st
         Q[1:].mul_(H[:-1])
         Q[0].mul_(starts)
         blk.sum_n(Gs, blk.B, blk.pos_out(dx), tmp=H)
-        blk.sum_j(Gs, blk.x, blk.bc(dB), tmp=H)
+        blk.sum_j(Gs, blk.x, dB_b, tmp=H)
         blk.sum_n_channel(Q, blk.pos_out(ddt))
         dA_blk = blk.sum_rows(Q.mul_(blk.dt))
         if p.shared:
             dA[gs, :, js] += dA_blk
         else:
             dA[:, :, gs, js] += dA_blk
+            p.lay.scatter(dB_b[..., 0], dB[bs, gs], move=1, tmp=bufs[5])
+            p.lay.scatter(dC_b[..., 0], dC[bs, gs], move=1, tmp=bufs[5])
     return _finish_backward(p, dx, ddt, dy, dout_c, z_sig, z_silu, y, dB, dC, dA, dinit,
                             u, delta, B, C, D, z, delta_bias, delta_softplus)
 
@@ -618,12 +703,11 @@ def _finish_backward(p, dx, ddt, dy, dout_c, z_sig, z_silu, y, dB, dC, dA, dinit
     du_out = lay.scatter(du, torch.empty(u.shape, dtype=u.dtype, device=dev))
     ddelta_out = lay.scatter(ddt, torch.empty(delta.shape, dtype=delta.dtype, device=dev))
     seq = p.seq_shape
-    if p.shared:  # (T, nc, batch, G, N): already (batch, G, N) per position
-        dB_nat, dC_nat = dB, dC
-    else:  # (T, nc, N, batch, G)
-        dB_nat, dC_nat = dB.permute(0, 1, 3, 4, 2), dC.permute(0, 1, 3, 4, 2)
-    dB_out = lay.scatter(dB_nat, torch.empty((batch, G, N) + seq, dtype=B.dtype, device=dev)).view(B.shape)
-    dC_out = lay.scatter(dC_nat, torch.empty((batch, G, N) + seq, dtype=C.dtype, device=dev)).view(C.shape)
+    if p.shared:  # (T, nc, batch, G, N) -> (batch, G, N, *seq)
+        dB_out = lay.scatter(dB, torch.empty((batch, G, N) + seq, dtype=B.dtype, device=dev)).view(B.shape)
+        dC_out = lay.scatter(dC, torch.empty((batch, G, N) + seq, dtype=C.dtype, device=dev)).view(C.shape)
+    else:  # already scattered block by block
+        dB_out, dC_out = dB.view(B.shape), dC.view(C.shape)
     if p.shared:  # (G, N, dpg)
         dA_out = dA.transpose(1, 2).reshape(p.dim, N)
     else:  # (N, 1, G, dpg)
