@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--workers", type=int, default=0, help="data loader worker processes")
 
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--epochs", type=int, default=12)
+    group.add_argument("--epochs", type=int, default=8)
     group.add_argument("--batch-size", type=int, default=64)
     group.add_argument("--opt", default="adamw", help="timm optimizer name (create_optimizer_v2)")
     group.add_argument("--lr", type=float, default=3e-3)
@@ -301,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     group.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
                        help="mixed precision (auto: bf16/fp16 on CUDA, fp32 on CPU)")
-    group.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    group.add_argument("--threads", type=int, default=1,
+                       help="torch CPU threads (0: torch's default); 1 is fastest for the small default model "
+                            "on a shared machine, see docs/training.md")
     group.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     return parser
 
@@ -312,6 +314,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
     if args.stop_after is not None and args.stop_after < 1:
         raise ValueError(f"--stop-after: expected a positive integer, got {args.stop_after}")
+    if args.threads is not None and args.threads < 0:
+        raise ValueError(f"--threads: expected >= 0, got {args.threads}")
     if args.workers < 0:
         raise ValueError(f"--workers: expected >= 0, got {args.workers}")
     if args.model_kwargs is not None and not isinstance(args.model_kwargs, dict):
@@ -331,7 +335,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     import vim2.models  # noqa: F401  registers the ViM2 family with timm
 
     _check_args(args)
-    if args.threads:
+    if args.threads:  # 0 / None: keep torch's default
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -405,7 +409,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"vim2-train: {args.model} ({n_params / 1e6:.3f}M params) on {dataset_name}: "
           f"{len(train_set)} train / {len(val_set)} val images, {len(classes)} classes, "
-          f"{args.img_size}px, device {device}, amp {amp_dtype or 'fp32'}, {torch.get_num_threads()} threads")
+          f"{args.img_size}px, device {device}, amp {amp_dtype or 'fp32'}, threads={torch.get_num_threads()}")
 
     run_start = time.perf_counter()
     num_updates = start_epoch * updates_per_epoch
