@@ -502,8 +502,11 @@ def read_checkpoint(path: Union[str, Path], trust_pickle: bool = False) -> Mappi
         return safetensors.torch.load_file(str(path), device="cpu")
     if trust_pickle:
         return torch.load(path, map_location="cpu", weights_only=False)
+    # timm's train.py stores its argparse.Namespace; allow just that (torch < 2.5 lacks safe_globals)
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    allow = safe_globals([argparse.Namespace]) if safe_globals is not None else contextlib.nullcontext()
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with allow:
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
@@ -759,10 +762,21 @@ def export_model(
     model_config: Dict[str, Any] = {}
     if label_names:
         model_config["label_names"] = list(label_names)
-    timm.models.save_for_hf(
-        model, str(output_dir), model_config=model_config, safe_serialization=True,
-        data_config=dict(data_config) if data_config else None,
-    )
+    import inspect
+
+    if "data_config" in inspect.signature(timm.models.save_for_hf).parameters:
+        timm.models.save_for_hf(
+            model, str(output_dir), model_config=model_config, safe_serialization=True,
+            data_config=dict(data_config) if data_config else None,
+        )
+    else:  # older timm: the preprocessing has to be in the model's pretrained_cfg while saving
+        original = model.pretrained_cfg
+        model.pretrained_cfg = {**original, **{k: v for k, v in (data_config or {}).items()
+                                               if k in ("input_size", "mean", "std", "interpolation", "crop_pct")}}
+        try:
+            timm.models.save_for_hf(model, str(output_dir), model_config=model_config, safe_serialization=True)
+        finally:
+            model.pretrained_cfg = original
     weights = output_dir / WEIGHTS_NAME
     sha = sha256_of_file(weights)
     files = {WEIGHTS_NAME: {"sha256": sha, "bytes": weights.stat().st_size}}
@@ -857,7 +871,7 @@ def _build_parser(prog: str, description: str, with_push: bool) -> argparse.Argu
 
 def _run_cli(prog: str, description: str, argv: Optional[Sequence[str]], with_push: bool) -> int:
     args = _build_parser(prog, description, with_push).parse_args(argv)
-    import vim2  # noqa: F401  registers the ViM2 models with timm
+    import vim2.models  # noqa: F401  registers the ViM2 models with timm
 
     try:
         result = convert_checkpoint(
