@@ -417,3 +417,30 @@ def test_convert_openmmlab_ema_state_dict(source_model):
     assert result.stripped_prefix == "module.backbone." and result.dropped_keys == ["steps"]
     assert result.model.num_classes == 0
     assert torch.equal(result.model.state_dict()["stem.conv.weight"], ema["stem.conv.weight"])
+
+
+def test_push_passes_the_verified_export_to_timms_push_helper(source_model, export_dir, tmp_path, monkeypatch):
+    """Everything up to the upload (which needs network and a token): timm's helper receives the
+    checksum record, and what it would serialise hashes to the recorded sha256."""
+    import timm.models
+    from vim2.weights import push_export_to_hub
+
+    calls = {}
+
+    def fake_push(model, repo_id, **kwargs):
+        calls.update(kwargs, repo_id=repo_id)
+        staged = tmp_path / "staged"
+        timm.models.save_for_hf(model, str(staged), model_config=kwargs["model_config"],
+                                safe_serialization=kwargs["safe_serialization"], data_config=kwargs["data_config"])
+        return staged
+
+    monkeypatch.setattr(timm.models, "push_to_hf_hub", fake_push)
+    staged = push_export_to_hub(source_model, export_dir, "user/vim2-test")
+    assert calls["repo_id"] == "user/vim2-test" and calls["safe_serialization"] is True
+    config = json.loads((staged / "config.json").read_text())
+    assert list(config["vim2"]["files"]) == ["model.safetensors"]
+    assert config["vim2"]["files"]["model.safetensors"]["sha256"] == sha256_of_file(staged / "model.safetensors")
+    assert config["label_names"] == [f"class{i}" for i in range(NUM_CLASSES)]
+
+    with pytest.raises(ChecksumMismatchError):  # a different model than the one exported is refused
+        push_export_to_hub(_make_model(seed=5), export_dir, "user/vim2-test")
