@@ -1,40 +1,56 @@
 """Chunked pure-PyTorch selective scan (Mamba S6): the default backend on CPU.
 
-Algorithm (per row = (batch, channel), state h of size N, scan order t = 0 .. L-1):
+Recurrence, per row r = (batch item, channel), state h of size N, scan order t = 0 .. L-1::
 
-    a_t = exp(dt_t * A)            (decay, in (0, 1] for dt >= 0, A <= 0)
+    a_t = exp(dt_t * A)        decay, in (0, 1] since dt >= 0 (softplus) and A <= 0
     b_t = dt_t * u_t * B_t
-    h_t = a_t * h_{t-1} + b_t,     y_t = C_t . h_t
+    h_t = a_t * h_{t-1} + b_t,     y_t = C_t . h_t (+ D u_t, * silu(z_t))
 
-The sequence is cut into ``nc`` chunks of ``T ~ sqrt(L)`` steps and kept in a *step-major* working
-layout ``(T, nc, N, batch, G, dim/G)`` so that "step t of every chunk" is one contiguous slice:
+Two-level scan. The sequence is cut into ``nc`` chunks of ``T ~ sqrt(L)`` steps (``chunking``) and
+held in a step-major working layout ``(T, nc, <rows x N>)``, so that "step t of every chunk" is one
+contiguous slice and every Python-level step is one fused op over all chunks and rows at once:
 
-1. chunk-local pass: ``T`` Python steps, each one fused ``addcmul`` over all chunks and rows at once,
-   gives every chunk's end state assuming a zero start;
-2. chunk pass: ``nc`` small steps carry the state across chunk boundaries with the chunk decay
-   ``exp(A * sum(dt over the chunk))``, giving every chunk's true start state (these are ``saved``);
-3. final pass: ``T`` in-place ``addcmul`` steps from the true start states give the true states,
-   contracted with C into y.
+1. chunk-local pass (T steps): ``h = addcmul(b_t, a_t, h)`` from a zero start gives each chunk's
+   local end state;
+2. chunk pass (nc small steps): ``start_{c+1} = exp(A * sum_chunk dt) * start_c + end_c`` gives the
+   true state before every chunk — these are the ``saved`` tensor;
+3. final pass (T steps, in place): ``h_t = b_t + a_t * h_{t-1}`` from the true chunk starts, then
+   y = C . h as one batched matmul.
 
-So a call makes O(sqrt(L)) Python-level steps, never one per time step. The backward recomputes the
-states from the saved chunk-start states (3 only, no chunk pass), runs the same two-level scheme
-right-to-left for the state gradient ``g_t = C_t dy_t + a_{t+1} g_{t+1}``, and reduces the gradients.
+A call therefore makes O(T + nc) = O(sqrt(L)) Python-level steps, never one per time step. The
+backward recomputes a, b and h from the saved chunk starts (pass 3 only), runs the same two-level
+scheme right to left for the state gradient ``g_t = C_t dy_t + a_{t+1} g_{t+1}`` (+ dlast at the end;
+chunk-local reverse pass, reverse chunk pass with exp(A * sum_{t>=1} dt), final reverse pass), forms
+``q_t = g_t a_t h_{t-1}`` in place and reduces: dC = sum_j dy h, dB = sum_j x g, dx = B . g,
+ddt = u dx + sum_n A q (then softplus' and the bias), du = dt dx + D dy, dA = sum dt q,
+dinitial_state = a_0 g_0, dz = dout y silu'(z).
 
-Memory: the (L, N)-sized working tensors exist only for one block of rows at a time (about
-``VIM2_TORCH_SCAN_BLOCK`` state elements, default 2**20, i.e. a few MiB per buffer, 2 buffers forward,
-3 backward); what is kept for backward is the chunk-start states, (batch, dim, nc, N) float32.
+Two working layouts, chosen by channels per B/C group (``SHARED_LAYOUT_MIN_CHANNELS``):
+* shared (dim/G >= 8, e.g. ViM token mixers): state step ``(nc, batch, G, N, channels)``; the
+  contractions with B/C over N or over channels are batched matrix products;
+* rows (dim/G < 8, e.g. the channel mixer, dim = 1): state step ``(nc, N, batch, G, channels)``;
+  contractions over N are reductions over an outer axis (vectorised over rows), B/C (as large as
+  the state there) are gathered per row block.
 
-Numerics: the only exponentials are ``exp(dt * A)`` and ``exp(A * sum(dt))`` with ``dt >= 0`` (after
-softplus) and ``A <= 0``, i.e. of non-positive numbers (values in (0, 1]); products of decays are
-formed by multiplication, never as ``exp`` of a cumulative sum of logarithms, so nothing overflows
-however long the sequence or large ``|A| * dt`` is (decays underflow to 0, which is the right limit).
-The state and every reduction are float32 (float64 for float64 inputs) whatever the input dtype.
+Memory: the (L, N)-sized buffers exist for one row block at a time, about
+``max(2**20, T * 2**16)`` state elements (``VIM2_TORCH_SCAN_BLOCK`` overrides), 2 buffers forward
+and 3 backward (plus 3/5 for B/C in the rows layout); they are kept per thread between calls
+(``release_workspace()`` frees them). Saved for backward: the chunk-start states,
+(batch, dim, nc, N) float32, i.e. 1/T of the full state. Per-position tensors ((L, batch, dim)-sized,
+1/N of the state) are materialised in the working layout.
 
-Layout handling: inputs may have any strides (token-major views, two-level ``Ls = (L1, L2)``
-sequences that are column-major views of a map). The backend gathers every per-position tensor
-(u, delta, z, B, C, dout) once into its chunked working layout with one index gather, which also
-realises ``reverse=True`` by index arithmetic (no flip of the user's tensors) and the zero padding of
-the last chunk; the user's tensors are never copied or modified otherwise.
+Numerics: the only exponentials are ``exp(dt * A)`` and ``exp(A * sum(dt))`` with dt >= 0 and
+A <= 0: exponents are never positive, and products of decays are formed by multiplication (never
+as exp of a cumulative sum of logs), so nothing overflows however long the sequence or large
+``|A| dt`` (decays underflow to 0, the correct limit). State and reductions are float32 for
+float32/float16/bfloat16 inputs and float64 for float64 inputs.
+
+Strides, reverse and two-level sequences: inputs may have any strides. Each per-position tensor
+(u, delta, z, dout, B, C) is gathered once into the working layout: channel-major data (sequence
+axis innermost) through a blocked 2-D transpose and a row gather, other layouts (token-major,
+column-major routes of a 2-D map given as ``Ls = (L1, L2)`` views) through one index gather.
+``reverse=True`` and the zero padding of the last chunk are part of that index; the user's tensors
+are never flipped, copied whole or modified. Outputs are written back the same way.
 """
 from __future__ import annotations
 
@@ -53,14 +69,18 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 # Number of (L, N)-state elements processed per row block: bounds the transient memory (a few
 # buffers of this many float32 elements) while keeping per-op Python overhead small.
-_DEFAULT_BLOCK_ELEMS = 1 << 20
+_MIN_BLOCK_ELEMS = 1 << 20
+_STEP_ELEMS = 1 << 16  # one step of a block (all its chunks): ~256 KiB float32, about L2-sized
 _SOFTPLUS_THRESHOLD = 20.0  # softplus(x) == x above this, as in mamba
 
 
-def _block_elems() -> int:
+def _block_elems(steps: int) -> int:
+    """State elements per row block: ``VIM2_TORCH_SCAN_BLOCK`` if set, else max(2**20, T * 2**16)
+    (long sequences get larger blocks so that one step of a block stays large enough to amortise
+    the per-op overhead)."""
     value = os.environ.get("VIM2_TORCH_SCAN_BLOCK", "")
     try:
-        return max(1, int(value)) if value else _DEFAULT_BLOCK_ELEMS
+        return max(1, int(value)) if value else max(_MIN_BLOCK_ELEMS, steps * _STEP_ELEMS)
     except ValueError:
         raise ValueError(f"VIM2_TORCH_SCAN_BLOCK must be a positive integer, got {value!r}") from None
 
@@ -206,14 +226,14 @@ def _layout(seq_shape: Tuple[int, ...], reverse: bool, device: torch.device) -> 
     return _Layout(seq_shape, reverse, device)
 
 
-def _row_blocks(batch: int, groups: int, per_group: int, row_elems: int,
+def _row_blocks(batch: int, groups: int, per_group: int, row_elems: int, steps: int,
                 min_rows: int = 1) -> Iterator[Tuple[slice, slice, slice]]:
-    """Splits the (batch, G, dim/G) rows into blocks of about ``_block_elems()`` state elements.
+    """Splits the (batch, G, dim/G) rows into blocks of about ``_block_elems(steps)`` state elements.
 
     A block covers whole batch items, or whole groups of one item, or part of one group, so that
     its B/C are a plain slice (channels of a block share the B/C rows of their groups).
     """
-    rows = max(min_rows, _block_elems() // max(row_elems, 1))
+    rows = max(min_rows, _block_elems(steps) // max(row_elems, 1))
     dim = groups * per_group
 
     def split(n, size):
@@ -297,7 +317,7 @@ class _Problem:
     # --- layout helpers -------------------------------------------------------------------------
     def blocks(self):
         # the rows layout gathers B/C per block: its blocks never split a group
-        return list(_row_blocks(self.batch, self.G, self.dpg, self.T * self.nc * self.N,
+        return list(_row_blocks(self.batch, self.G, self.dpg, self.T * self.nc * self.N, self.T,
                                 min_rows=1 if self.shared else self.dpg))
 
     def block(self, bs, gs, js, work=None) -> "_Block":
