@@ -304,16 +304,16 @@ def plot(rows: List[Dict[str, Any]], path: Path, title: str) -> None:
             style = dict(marker="o", linewidth=2.5 if name == "vim2_tiny" else 1.2, label=LABELS.get(name, name))
             axes[0][col].plot(sizes, [p[1] for p in pts], **style)
             axes[1][col].plot(sizes, [p[2] for p in pts], **style)
-            if name == "vim2_tiny":  # where time/memory would be if they grew exactly with pixel count
-                for row, idx in ((0, 1), (1, 2)):
-                    ref = [pts[0][idx] * (s / sizes[0]) ** 2 for s in sizes]
-                    axes[row][col].plot(sizes, ref, "k:", linewidth=1, label="ViM2-T x pixels (linear)")
+            if name == "vim2_tiny":  # where its time would be if it grew exactly with pixel count
+                ref = [pts[0][1] * (s / sizes[0]) ** 2 for s in sizes]
+                axes[0][col].plot(sizes, ref, "k:", linewidth=1, label="ViM2-T, linear in pixels")
         for row, ylabel in ((0, "time per image (ms)"), (1, "peak memory (MB)")):
             ax = axes[row][col]
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xticks(sorted({int(r["img_size"]) for r in ok}))
             ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel("input size (pixels per side)")
             ax.set_ylabel(ylabel)
             ax.set_title(f"{'inference' if mode == 'infer' else 'training step'}: {ylabel}")
