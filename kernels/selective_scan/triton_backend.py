@@ -22,6 +22,13 @@ and walks the whole sequence in scan order, one *time block* of ``BLOCK_T`` step
   (float32), so the backward pass recomputes each block's states from its checkpoint in registers:
   no ``(batch, dim, L, N)`` tensor and no global scratch buffer exist in either pass.
 
+When there are too few row tiles to fill the GPU (e.g. batch 1, dim 192, L 3136) the time blocks are
+split into ``S`` segments run by separate programs: a summary pass computes, per segment, the state it
+leaves when entered with zero and the sum of its step sizes (its decay is ``exp(A * sum dt)``, a
+non-positive exponent for positive steps); a small sequential kernel combines those over segments into
+every segment's entering state; then the main pass runs all segments in parallel. Backward does the same
+for the adjoint, segments in reverse. ``SEGMENTS`` forces ``S`` (1 = purely sequential).
+
 Backward walks the blocks in reverse scan order. With ``G_s`` the gradient w.r.t. the state after
 step ``s`` (scan order), ``G_s = gy_s C_s + a_{s+1} G_{s+1}`` is computed inside a block by a second
 associative scan run against the scan direction, with segments represented as
@@ -45,8 +52,7 @@ Sequence tensors keep their strides (token-major views, ``Ls = (L1, L2)`` two-le
 position ``t`` lives at ``(t // L2, t % L2)``): nothing is copied; ``reverse=True`` is pure index
 arithmetic. All offsets are int64. fp16/bf16 inputs are converted to float32 on load; outputs are
 stored in ``u.dtype``. float64 inputs are computed in float64 end to end (``saved`` is then float64
-too) - useful under ``TRITON_INTERPRET=1``; the public dispatcher normally routes float64 to the
-reference backend. ``A``, ``D``, ``delta_bias`` and ``initial_state`` are small and are made
+too, so the fake/meta shape of ``saved`` should use the compute dtype, not always float32). ``A``, ``D``, ``delta_bias`` and ``initial_state`` are small and are made
 contiguous (a copy only when they are not).
 
 Triton is optional: without it this module still imports, and ``unavailable_reason`` says why it
@@ -669,8 +675,9 @@ def _pick_block_rows(n_rows: int, dim_per_group: int, block_n: int, block_t: int
         while block_rows > 1 and -(-n_rows // block_rows) < 4 * _num_sms(device):
             block_rows //= 2
     block_rows = min(block_rows, _next_power_of_2(n_rows))
-    # Prefer tiles inside one (batch, group) so B/C are shared: shrink to a divisor of dim_per_group.
-    if dim_per_group % block_rows:
+    # Prefer tiles inside one (batch, group) so B/C are shared: shrink to a divisor of dim_per_group
+    # (pointless when every row is its own group, as in the channel mixer).
+    if dim_per_group > 1 and dim_per_group % block_rows:
         divisor = dim_per_group & -dim_per_group  # largest power of two dividing dim_per_group
         if divisor * 4 >= block_rows:
             block_rows = divisor

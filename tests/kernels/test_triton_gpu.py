@@ -1,0 +1,228 @@
+"""Triton selective-scan backend on a real CUDA device (pytest -m gpu; run by tools/gpu_check.sh).
+
+Compiled kernels (not the interpreter) against the float64 reference over the swept shapes of issue 2:
+L in {1, 2, 7, 63, 64, 65, 197, 256, 1024}, N in {1, 4, 16}, groups, z/D/delta_bias/softplus/reverse/
+initial_state/last state, token-major and two-level column-major layouts, fp16/bf16, the channel-mixer
+shape, the segment-parallel path picked by the real heuristics, deterministic dB/dC partials, and int64
+addressing beyond 2**31 elements. Skipped without CUDA, and when the backend was imported in interpreter
+mode (TRITON_INTERPRET=1 in this process: run this file in a process without it).
+"""
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+from vim2_kernels.selective_scan import triton_backend as tb  # noqa: E402
+from vim2_kernels.selective_scan.reference import selective_scan_reference  # noqa: E402
+
+if tb._INTERPRETED:
+    pytest.skip("triton backend was imported with TRITON_INTERPRET=1; run GPU tests in a process without it",
+                allow_module_level=True)
+
+DEVICE = torch.device("cuda")
+GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+# Relative to max(1, max |reference|); compiled exp/log are a few ulp off, fp16/bf16 as in mamba's tests.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 4e-2, torch.float64: 1e-9}
+
+
+def _seq(gen, batch, dim, Ls, layout):
+    if layout == "contiguous":
+        return torch.randn(batch, dim, *Ls, generator=gen, dtype=torch.float64, device=DEVICE)
+    if layout == "token_major":
+        return torch.randn(batch, *Ls, dim, generator=gen, dtype=torch.float64, device=DEVICE).movedim(-1, 1)
+    W, H = Ls  # column-major walk of an NHWC map
+    return torch.randn(batch, H, W, dim, generator=gen, dtype=torch.float64, device=DEVICE).permute(0, 3, 2, 1)
+
+
+def _bc(gen, batch, groups, N, Ls, layout):
+    if layout == "contiguous":
+        return torch.randn(batch, groups, N, *Ls, generator=gen, dtype=torch.float64, device=DEVICE)
+    if layout == "token_major":
+        return torch.randn(batch, *Ls, groups, N, generator=gen, dtype=torch.float64,
+                           device=DEVICE).permute(0, 2, 3, 1)
+    W, H = Ls
+    return torch.randn(batch, H, W, groups, N, generator=gen, dtype=torch.float64,
+                       device=DEVICE).permute(0, 3, 4, 2, 1)
+
+
+def check(batch=2, dim=8, groups=1, N=4, Ls=(65,), D=True, z=True, bias=True, softplus=True, reverse=False,
+          h0=True, dlast=True, layout="contiguous", dtype=torch.float32, seed=0):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    inputs = dict(
+        u=_seq(gen, batch, dim, Ls, layout),
+        delta=0.5 * _seq(gen, batch, dim, Ls, layout),
+        A=-(torch.rand(dim, N, generator=gen, dtype=torch.float64, device=DEVICE) + 0.2),
+        B=_bc(gen, batch, groups, N, Ls, layout),
+        C=_bc(gen, batch, groups, N, Ls, layout),
+        D=torch.randn(dim, generator=gen, dtype=torch.float64, device=DEVICE) if D else None,
+        z=_seq(gen, batch, dim, Ls, layout) if z else None,
+        delta_bias=0.3 * torch.randn(dim, generator=gen, dtype=torch.float64, device=DEVICE) if bias else None,
+        initial_state=torch.randn(batch, dim, N, generator=gen, dtype=torch.float64, device=DEVICE) if h0 else None,
+    )
+    for name in ("u", "delta", "z", "B", "C"):
+        if inputs[name] is not None:
+            inputs[name] = inputs[name].to(dtype).double()  # the oracle sees exactly the backend's inputs
+    param = torch.float64 if dtype == torch.float64 else torch.float32
+    cast = {k: (dtype if k in ("u", "delta", "z", "B", "C") else param) for k in inputs}
+    x = {k: (None if v is None else v.to(cast[k])) for k, v in inputs.items()}
+    dout = _seq(gen, batch, dim, Ls, layout).to(dtype)
+    dl = torch.randn(batch, dim, N, generator=gen, device=DEVICE) if dlast else None
+
+    out, last, saved = tb.scan_forward(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
+                                       x["delta_bias"], x["initial_state"], softplus, reverse)
+    grads = tb.scan_backward(dout, dl, x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
+                             x["delta_bias"], x["initial_state"], saved, softplus, reverse)
+    got = dict(zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"), grads))
+
+    leaves = {k: (None if v is None else v.detach().clone().requires_grad_()) for k, v in inputs.items()}
+    ref_out, ref_last = selective_scan_reference(
+        leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], D=leaves["D"], z=leaves["z"],
+        delta_bias=leaves["delta_bias"], delta_softplus=softplus, initial_state=leaves["initial_state"],
+        reverse=reverse, return_last_state=True)
+    loss = (ref_out * dout.double()).sum() + ((ref_last * dl.double()).sum() if dl is not None else 0)
+    present = [k for k in GRAD_NAMES if leaves[k] is not None]
+    ref_grads = dict(zip(present, torch.autograd.grad(loss, [leaves[k] for k in present])))
+
+    def close(name, actual, expected):
+        assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+        scale = max(1.0, expected.abs().max().item())
+        err = (actual.double() - expected).abs().max().item() if actual.numel() else 0.0
+        assert err <= TOLERANCE[dtype] * scale, f"{name}: max abs error {err:.3e}, scale {scale:.3g}"
+
+    assert out.dtype == dtype
+    close("out", out, ref_out)
+    close("last_state", last, ref_last)
+    for name in GRAD_NAMES:
+        if inputs[name] is None:
+            assert got[name] is None, name
+        else:
+            assert torch.isfinite(got[name]).all(), f"d{name} not finite"
+            close(f"d{name}", got[name], ref_grads[name])
+
+
+SWEEP_L = (1, 2, 7, 63, 64, 65, 197, 256, 1024)
+SWEEP_N = (1, 4, 16)
+
+
+@pytest.mark.parametrize("L", SWEEP_L)
+@pytest.mark.parametrize("N", SWEEP_N)
+def test_sweep(L, N):
+    # Cycle the options over the grid so every flag meets short, block-sized and long sequences.
+    k = SWEEP_L.index(L) + 3 * SWEEP_N.index(N)
+    check(Ls=(L,), N=N, groups=(1, 2)[k % 2], reverse=bool(k % 3 == 1), z=k % 4 != 2, D=k % 5 != 3,
+          bias=k % 2 == 0, softplus=k % 3 != 2, h0=k % 2 == 1, dlast=k % 4 == 1, seed=k)
+
+
+CASES = {
+    "token_major_197": dict(Ls=(197,), N=16, layout="token_major", dim=16),
+    "token_major_reverse_groups": dict(Ls=(256,), N=16, groups=4, dim=16, layout="token_major", reverse=True),
+    "col_major_2d_14x14": dict(Ls=(14, 14), N=16, layout="col_major_2d", dim=16),
+    "col_major_2d_reverse": dict(Ls=(14, 14), N=16, layout="col_major_2d", dim=16, reverse=True),
+    "usual_768": dict(batch=2, dim=768, Ls=(197,), N=16),
+    "channel_mixer": dict(batch=2048, dim=1, Ls=(192,), N=16),
+    "channel_mixer_reverse_n1": dict(batch=4096, dim=1, Ls=(193,), N=1, reverse=True),
+    "few_rows_long_L_segments": dict(batch=1, dim=8, Ls=(3136,), N=16),
+    "few_rows_long_L_segments_reverse": dict(batch=1, dim=4, Ls=(2000,), N=4, reverse=True, groups=2),
+    "float16": dict(dtype=torch.float16, Ls=(197,), N=16, dim=32),
+    "bfloat16_reverse": dict(dtype=torch.bfloat16, Ls=(256,), N=16, dim=32, reverse=True),
+    "float64": dict(dtype=torch.float64, Ls=(197,), N=16, dim=16, groups=2),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_cases(case):
+    check(**CASES[case])
+
+
+def test_segment_heuristic_engages_for_few_rows():
+    segs, _ = tb._pick_segments(n_tiles=8, n_blocks=98, device=DEVICE)
+    assert segs > 1
+
+
+def test_deterministic_mode_gives_identical_bc_grads():
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    batch, dim, N, L = 2, 256, 16, 197
+    u = torch.randn(batch, dim, L, generator=gen, device=DEVICE)
+    delta = torch.randn(batch, dim, L, generator=gen, device=DEVICE)
+    A = -torch.rand(dim, N, generator=gen, device=DEVICE) - 0.2
+    B = torch.randn(batch, 1, N, L, generator=gen, device=DEVICE)
+    C = torch.randn(batch, 1, N, L, generator=gen, device=DEVICE)
+    dout = torch.randn(batch, dim, L, generator=gen, device=DEVICE)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        results = []
+        for _ in range(2):
+            out, last, saved = tb.scan_forward(u, delta, A, B, C, None, None, None, None, True, False)
+            results.append(tb.scan_backward(dout, None, u, delta, A, B, C, None, None, None, None, saved,
+                                            True, False))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for index in (0, 1, 2, 3, 4):
+        assert torch.equal(results[0][index], results[1][index]), index
+
+
+def test_int64_offsets_in_strided_inputs():
+    # A batch stride beyond 2**31 elements: input addresses need 64-bit arithmetic.
+    batch, dim, N, L = 2, 4, 4, 64
+    stride_b = 2**31 + 64
+    free, _ = torch.cuda.mem_get_info()
+    if free < 3 * (stride_b + dim * L) * 2:
+        pytest.skip("needs ~13 GB of free GPU memory")
+    gen = torch.Generator(device=DEVICE).manual_seed(2)
+
+    def strided():
+        storage = torch.zeros(stride_b + dim * L, dtype=torch.float16, device=DEVICE)
+        view = storage.as_strided((batch, dim, L), (stride_b, L, 1))
+        view.copy_(torch.randn(batch, dim, L, generator=gen, device=DEVICE))
+        return view
+
+    u, delta, dout = strided(), strided(), strided()
+    A = -torch.rand(dim, N, generator=gen, device=DEVICE) - 0.2
+    B = torch.randn(batch, 1, N, L, generator=gen, device=DEVICE, dtype=torch.float16)
+    C = torch.randn(batch, 1, N, L, generator=gen, device=DEVICE, dtype=torch.float16)
+    out, _, saved = tb.scan_forward(u, delta, A, B, C, None, None, None, None, True, False)
+    du = tb.scan_backward(dout, None, u, delta, A, B, C, None, None, None, None, saved, True, False)[0]
+    ref_u = u.contiguous().double().requires_grad_()
+    ref = selective_scan_reference(ref_u, delta.contiguous().double(), A.double(), B.double(), C.double(),
+                                   delta_softplus=True)
+    (ref_du,) = torch.autograd.grad((ref * dout.contiguous().double()).sum(), ref_u)
+    assert (out.double() - ref).abs().max().item() <= 5e-3 * max(1.0, ref.abs().max().item())
+    assert (du.double() - ref_du).abs().max().item() <= 5e-3 * max(1.0, ref_du.abs().max().item())
+
+
+def test_int64_offsets_in_outputs():
+    # batch*dim*L > 2**31 output elements (dim=1 rows as in the channel mixer); inputs are stride-0
+    # expansions of one row, so every row must reproduce that row's reference result.
+    L, N = 256, 1
+    rows = 2**31 // L + 1
+    free, _ = torch.cuda.mem_get_info()
+    if free < 48 * 2**30:
+        pytest.skip("needs ~48 GB of free GPU memory")
+    gen = torch.Generator(device=DEVICE).manual_seed(3)
+    u1 = torch.randn(1, 1, L, generator=gen, device=DEVICE, dtype=torch.float16)
+    d1 = torch.randn(1, 1, L, generator=gen, device=DEVICE, dtype=torch.float16)
+    g1 = torch.randn(1, 1, L, generator=gen, device=DEVICE, dtype=torch.float16)
+    B1 = torch.randn(1, 1, N, L, generator=gen, device=DEVICE, dtype=torch.float16)
+    C1 = torch.randn(1, 1, N, L, generator=gen, device=DEVICE, dtype=torch.float16)
+    A = -torch.rand(1, N, generator=gen, device=DEVICE) - 0.2
+    u, delta, dout = (t.expand(rows, 1, L) for t in (u1, d1, g1))
+    B, C = (t.expand(rows, 1, N, L) for t in (B1, C1))
+    out, last, saved = tb.scan_forward(u, delta, A, B, C, None, None, None, None, True, False)
+    ref_u = u1.double().requires_grad_()
+    ref_B = B1.double().requires_grad_()
+    ref = selective_scan_reference(ref_u, d1.double(), A.double(), ref_B, C1.double(), delta_softplus=True)
+    ref_du, ref_dB = torch.autograd.grad((ref * g1.double()).sum(), (ref_u, ref_B))
+    for row in (0, rows // 2, rows - 1):
+        assert (out[row].double() - ref[0]).abs().max().item() <= 5e-3 * max(1.0, ref.abs().max().item())
+    del out, last
+    grads = tb.scan_backward(dout, None, u, delta, A, B, C, None, None, None, None, saved, True, False)
+    du, dB = grads[0], grads[3]
+    for row in (0, rows - 1):
+        assert (du[row].double() - ref_du[0]).abs().max().item() <= 5e-3 * max(1.0, ref_du.abs().max().item())
+        assert (dB[row].double() - ref_dB[0]).abs().max().item() <= 5e-3 * max(1.0, ref_dB.abs().max().item())

@@ -1,0 +1,226 @@
+"""GPU benchmark of the Triton selective scan against the torch backend and the memory-traffic floor.
+
+    python tools/bench_scan_gpu.py [--dtypes float32,bfloat16] [--tune-budget 60]
+
+For each shape, mamba's usual call (z, D, delta_bias, delta_softplus=True, B/C shared by all channels),
+times forward, backward and forward+backward of each backend with CUDA events (median), and prints:
+
+* GB/s: the bytes that MUST move divided by the time. The floor counts every input read once and every
+  output written once: forward reads u, delta, z, B, C (+ A, D, delta_bias) and writes out; backward reads
+  u, delta, z, B, C, dout and writes du, ddelta, dz, dB, dC. Checkpoints, recomputation and partial sums
+  are the implementation's own overhead and are not in the floor.
+* % of floor: floor time / measured time, floor time = floor bytes / peak bandwidth, where the peak is
+  measured in this run by a large device-to-device torch copy (read + write bytes). 100% = at the floor;
+  the goal in issue 2 is >= 50% (within 2x).
+
+``--tune-budget S`` then spends up to S seconds timing other CHUNK_SIZE / BLOCK_ROWS / SEGMENTS settings
+of the Triton backend and prints the best per shape (for tuning the heuristics; kernels compile on first
+use, a few seconds per configuration).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("bench_scan_gpu.py: unset TRITON_INTERPRET (it would time the CPU interpreter)")
+
+import torch  # noqa: E402
+
+DEVICE = "cuda"
+
+SHAPES = {
+    # name: (batch, dim, L, N)
+    "vim_usual B2 d768 L197": (2, 768, 197, 16),
+    "channel_mixer B6272 d1 L192": (2 * 56 * 56, 1, 192, 16),
+    "long_seq B1 d192 L3136": (1, 192, 3136, 16),
+}
+
+
+def make_inputs(batch, dim, L, N, dtype, seed=0):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    dev = dict(device=DEVICE, dtype=dtype)
+    return dict(
+        u=torch.randn(batch, dim, L, generator=gen, **dev),
+        delta=torch.randn(batch, dim, L, generator=gen, **dev) * 0.5 - 1.0,
+        A=-(torch.rand(dim, N, generator=gen, device=DEVICE) + 0.5),
+        B=torch.randn(batch, 1, N, L, generator=gen, **dev),
+        C=torch.randn(batch, 1, N, L, generator=gen, **dev),
+        D=torch.randn(dim, generator=gen, device=DEVICE),
+        z=torch.randn(batch, dim, L, generator=gen, **dev),
+        delta_bias=torch.randn(dim, generator=gen, device=DEVICE) * 0.1,
+        initial_state=None,
+    )
+
+
+def floor_bytes(x) -> dict:
+    def size(*tensors):
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    inputs = size(x["u"], x["delta"], x["z"], x["B"], x["C"], x["A"], x["D"], x["delta_bias"])
+    forward = inputs + size(x["u"])  # + out
+    backward = inputs + size(x["u"]) + size(x["u"], x["delta"], x["z"], x["B"], x["C"])  # + dout, grads
+    return {"fwd": forward, "bwd": backward, "fwd+bwd": forward + backward}
+
+
+def cuda_time_ms(fn, min_seconds=0.25, max_reps=200, warmup=3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    deadline = time.perf_counter() + min_seconds
+    while len(times) < max_reps and (len(times) < 5 or time.perf_counter() < deadline):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def peak_bandwidth_gbs() -> float:
+    src = torch.empty(2**28, dtype=torch.float32, device=DEVICE)  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = cuda_time_ms(lambda: dst.copy_(src), min_seconds=0.5, max_reps=30)
+    del src, dst
+    return 2 * 2**30 / (ms * 1e-3) / 1e9
+
+
+def passes(backend, x, softplus=True):
+    args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], x["initial_state"],
+            softplus, False)
+    out, last, saved = backend.scan_forward(*args)
+    dout = torch.randn_like(out)
+
+    def fwd():
+        return backend.scan_forward(*args)
+
+    def bwd():
+        return backend.scan_backward(dout, None, x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
+                                     x["delta_bias"], x["initial_state"], saved, softplus, False)
+
+    def both():
+        o, lst, s = backend.scan_forward(*args)
+        return backend.scan_backward(dout, None, x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
+                                     x["delta_bias"], x["initial_state"], s, softplus, False)
+
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both}
+
+
+def load_backends():
+    from vim2_kernels.selective_scan import triton_backend
+
+    backends = {"triton": triton_backend}
+    reason = triton_backend.unavailable_reason(torch.device(DEVICE))
+    if reason:
+        sys.exit(f"triton backend unavailable: {reason}")
+    try:
+        from vim2_kernels.selective_scan import torch_backend
+
+        reason = torch_backend.unavailable_reason(torch.device(DEVICE))
+        if reason:
+            print(f"torch backend skipped: {reason}")
+        else:
+            backends["torch"] = torch_backend
+    except Exception as exc:  # the comparison is optional; the Triton numbers still matter
+        print(f"torch backend skipped: {type(exc).__name__}: {exc}")
+    return backends
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names from SHAPES")
+    parser.add_argument("--tune-budget", type=float, default=0.0, help="seconds for the Triton setting sweep")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_scan_gpu.py: no CUDA device")
+        return 1
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    peak = peak_bandwidth_gbs()
+    print(f"device {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
+          f"triton {triton.__version__}")
+    print(f"peak bandwidth (1 GiB device copy, read+write): {peak:.0f} GB/s\n")
+    backends = load_backends()
+    shapes = [s for s in args.shapes.split(",") if s]
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",") if d]
+
+    header = f"{'shape':30s} {'dtype':9s} {'backend':7s} {'pass':8s} {'ms':>9s} {'GB/s':>7s} {'% floor':>8s} {'vs torch':>8s}"
+    print(header)
+    print("-" * len(header))
+    worst = {}
+    for shape_name in shapes:
+        batch, dim, L, N = SHAPES[shape_name]
+        for dtype in dtypes:
+            x = make_inputs(batch, dim, L, N, dtype)
+            floor = floor_bytes(x)
+            timings = {}
+            for backend_name, backend in backends.items():
+                try:
+                    for pass_name, fn in passes(backend, x).items():
+                        timings[backend_name, pass_name] = cuda_time_ms(fn)
+                except Exception as exc:
+                    print(f"{shape_name:30s} {str(dtype)[6:]:9s} {backend_name:7s} failed: {type(exc).__name__}: {exc}")
+            for (backend_name, pass_name), ms in timings.items():
+                gbs = floor[pass_name] / (ms * 1e-3) / 1e9
+                pct = 100.0 * gbs / peak
+                ref = timings.get(("torch", pass_name))
+                vs = f"{ref / ms:7.1f}x" if ref and backend_name != "torch" else ""
+                print(f"{shape_name:30s} {str(dtype)[6:]:9s} {backend_name:7s} {pass_name:8s} {ms:9.3f} "
+                      f"{gbs:7.0f} {pct:7.1f}% {vs:>8s}")
+                if backend_name == "triton":
+                    worst[shape_name, str(dtype)[6:], pass_name] = pct
+            del x
+            torch.cuda.empty_cache()
+    if worst:
+        print("\nTriton % of the memory-traffic floor (goal >= 50%, i.e. within 2x):")
+        for (shape_name, dtype_name, pass_name), pct in worst.items():
+            verdict = "ok" if pct >= 50.0 else "below goal"
+            print(f"  {shape_name:30s} {dtype_name:9s} {pass_name:8s} {pct:6.1f}%  {verdict}")
+
+    if args.tune_budget > 0:
+        tune(backends["triton"], shapes, args.tune_budget, peak)
+    return 0
+
+
+def tune(tb, shapes, budget, peak):
+    """Times fwd+bwd float32 under other settings of the module-level knobs, within a time budget."""
+    settings = [(chunk, rows, segs) for chunk in (32, 16, 64) for rows in (None, 1, 2, 4, 8) for segs in (None, 1)]
+    saved_knobs = (tb.CHUNK_SIZE, tb.BLOCK_ROWS, tb.SEGMENTS)
+    deadline = time.perf_counter() + budget
+    print(f"\nTriton setting sweep, float32 fwd+bwd, budget {budget:.0f} s "
+          "(CHUNK_SIZE, BLOCK_ROWS, SEGMENTS; None = heuristic):")
+    try:
+        for shape_name in shapes:
+            batch, dim, L, N = SHAPES[shape_name]
+            x = make_inputs(batch, dim, L, N, torch.float32)
+            floor = floor_bytes(x)["fwd+bwd"]
+            results = []
+            for chunk, rows, segs in settings:
+                if time.perf_counter() > deadline:
+                    break
+                tb.CHUNK_SIZE, tb.BLOCK_ROWS, tb.SEGMENTS = chunk, rows, segs
+                try:
+                    ms = cuda_time_ms(passes(tb, x)["fwd+bwd"], min_seconds=0.1, max_reps=50)
+                except Exception as exc:  # e.g. too many registers for a big tile
+                    print(f"  {shape_name}: chunk={chunk} rows={rows} segs={segs} failed: {type(exc).__name__}")
+                    continue
+                results.append((ms, chunk, rows, segs))
+            results.sort()
+            for ms, chunk, rows, segs in results[:3]:
+                pct = 100.0 * floor / (ms * 1e-3) / 1e9 / peak
+                print(f"  {shape_name:30s} chunk={chunk:<3d} rows={str(rows):4s} segs={str(segs):4s} "
+                      f"{ms:8.3f} ms {pct:6.1f}% floor")
+            del x
+    finally:
+        tb.CHUNK_SIZE, tb.BLOCK_ROWS, tb.SEGMENTS = saved_knobs
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One-shot GPU check of the Triton selective scan (about 5 minutes on one H100/H200):
+#   1. environment (GPU, driver, python, torch, triton, vim2_kernels backends),
+#   2. GPU tests: pytest -m gpu tests/kernels/test_triton_gpu.py (compiled kernels vs the float64 reference),
+#   3. benchmark: tools/bench_scan_gpu.py (Triton vs torch backend, % of the memory-traffic floor),
+#      followed by a short sweep of the Triton tile settings.
+# Usage: bash tools/gpu_check.sh        (PYTHON=... to choose the interpreter; default .venv/bin/python,
+#        else python3). Output is also written to $OUT/gpu_check.log when $OUT is set.
+# Exit status: non-zero when a test failed or a stage timed out; the later stages still run.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if [[ -n "${OUT:-}" ]]; then
+  mkdir -p "$OUT"
+  exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+fi
+
+PY="${PYTHON:-}"
+if [[ -z "$PY" ]]; then
+  if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+# The interpreter would silently time/test the CPU path instead of the GPU.
+unset TRITON_INTERPRET
+export PYTHONUNBUFFERED=1
+
+echo "== environment"
+date -u
+uname -srm
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || echo "nvidia-smi: unavailable"
+"$PY" - <<'PYEOF'
+import sys
+import torch
+print("python", sys.version.split()[0], sys.executable)
+print("torch", torch.__version__, "| CUDA", torch.version.cuda, "| cuda available:", torch.cuda.is_available())
+try:
+    import triton
+    print("triton", triton.__version__)
+except Exception as exc:
+    print("triton: not importable:", exc)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"device {p.name}: {p.multi_processor_count} SMs, {p.total_memory / 2**30:.1f} GiB")
+PYEOF
+
+# vim2_kernels is normally installed (pip install -e .) from kernels/; on a bare machine expose it through
+# a symlink so that the repository's code runs as is.
+if ! "$PY" -c "import vim2_kernels" 2>/dev/null; then
+  SHIM="$(mktemp -d)"
+  ln -s "$PWD/kernels" "$SHIM/vim2_kernels"
+  export PYTHONPATH="$SHIM:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  echo "vim2_kernels is not installed: importing it from kernels/ through $SHIM"
+fi
+"$PY" -m vim2_kernels || echo "python -m vim2_kernels failed (continuing)"
+
+status=0
+echo
+echo "== GPU tests (pytest -m gpu)"
+timeout 210 "$PY" -m pytest -m gpu tests/kernels/test_triton_gpu.py -q -rs -p no:cacheprovider \
+  --durations=8 || { rc=$?; echo "GPU tests: exit status $rc"; status=$rc; }
+
+echo
+echo "== benchmark"
+timeout 150 "$PY" tools/bench_scan_gpu.py --dtypes float32,bfloat16 --tune-budget 45 \
+  || { rc=$?; echo "benchmark: exit status $rc"; status=$rc; }
+
+echo
+echo "== done (status $status)"
+exit "$status"
