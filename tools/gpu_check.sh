@@ -55,12 +55,12 @@ fi
 status=0
 echo
 echo "== GPU tests (pytest -m gpu)"
-timeout 210 "$PY" -m pytest -m gpu tests/kernels/test_triton_gpu.py -q -rs -p no:cacheprovider \
+timeout 170 "$PY" -m pytest -m gpu tests/kernels/test_triton_gpu.py -v -rfEs -p no:cacheprovider \
   --durations=8 || { rc=$?; echo "GPU tests: exit status $rc"; status=$rc; }
 
 echo
 echo "== benchmark"
-timeout 150 "$PY" tools/bench_scan_gpu.py --dtypes float32,bfloat16 --tune-budget 45 \
+timeout 110 "$PY" tools/bench_scan_gpu.py --dtypes float32,bfloat16 --tune-budget 25 \
   || { rc=$?; echo "benchmark: exit status $rc"; status=$rc; }
 
 echo
