@@ -209,10 +209,12 @@ def test_groups_and_row_blocks(backend_settings, groups, dim, block, layout_mode
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("layout", ["token_major", "col_major_2d"])
-def test_strided_layouts(backend_settings, layout, reverse):
-    Ls = (5, 7) if layout == "col_major_2d" else (33,)
-    check_case(backend_settings, layout=layout, Ls=Ls, groups=2, reverse=reverse, **ALL)
+@pytest.mark.parametrize("layout,Ls", [("token_major", (33,)), ("col_major_2d", (5, 7)), ("contiguous", (6, 5))])
+@pytest.mark.parametrize("layout_mode", ["shared", "rows"])
+def test_strided_layouts(backend_settings, layout, Ls, reverse, layout_mode):
+    # token-major and column-major views take the index-gather path, channel-major data the
+    # transpose path (for two-level sequences too), in both working layouts
+    check_case(backend_settings, layout=layout, Ls=Ls, groups=2, reverse=reverse, layout_mode=layout_mode, **ALL)
 
 
 def test_two_level_sequence_equals_flattened():
