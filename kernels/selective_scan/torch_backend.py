@@ -103,7 +103,7 @@ def chunking(seqlen: int) -> Tuple[int, int]:
 
 
 def saved_shape(batch: int, dim: int, seqlen: int, d_state: int) -> Tuple[int, ...]:
-    """Shape of ``saved``: the state before each chunk, (batch, dim, nc, N) float32."""
+    """Shape of ``saved`` (contiguous float32): the state before each chunk, (batch, dim, nc, N)."""
     _, nc = chunking(seqlen)
     return (batch, dim, nc, d_state)
 
@@ -378,12 +378,11 @@ class _Block:
     def state_to_natural(self, s: Tensor) -> Tensor:
         return s.transpose(-1, -2) if self.shared else s.permute(1, 2, 3, 0)
 
-    def chunks_to_natural(self, s: Tensor) -> Tensor:
-        """A step (nc, <state>) -> (bb, gb, jb, nc, N) view."""
-        return s.permute(1, 2, 4, 0, 3) if self.shared else s.permute(2, 3, 4, 0, 1)
-
-    def natural_to_chunks(self, s: Tensor) -> Tensor:
-        return s.permute(3, 0, 1, 4, 2) if self.shared else s.permute(3, 4, 0, 1, 2)
+    def saved_view(self, saved: Tensor) -> Tensor:
+        """This block's chunk-start states in ``saved`` (batch, dim, nc, N), as a step (nc, <state>)."""
+        p = self.p
+        v = saved.view(p.batch, p.G, p.dpg, p.nc, p.N)[self.bs, self.gs, self.js]  # (bb, gb, jb, nc, N)
+        return v.permute(3, 0, 1, 4, 2) if self.shared else v.permute(3, 4, 0, 1, 2)
 
     # contractions over the whole block
     def sum_n(self, S: Tensor, V: Tensor, out: Tensor, tmp: Tensor) -> None:
@@ -510,7 +509,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
     T, nc, N, cd, dev = p.T, p.nc, p.N, p.cd, u.device
     y = torch.empty(T, nc, p.batch, p.G, p.dpg, dtype=cd, device=dev)
     last = torch.empty(p.batch, p.G, p.dpg, N, dtype=cd, device=dev)
-    saved = torch.empty(p.batch, p.G, p.dpg, nc, N, dtype=torch.float32, device=dev)
+    saved = torch.empty(saved_shape(p.batch, p.dim, p.lay.L, N), dtype=torch.float32, device=dev)
     bufs = _ensure_buffers(2 if p.shared else 5, p.max_block_numel(), cd, dev)
     a_buf, x_buf = bufs[:2]
     for bs, gs, js in p.blocks():
@@ -519,7 +518,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
         ends = _decay_input_chunk_ends(blk, a, X, need_ends=nc > 1)
         init = None if p.init is None else p.init[bs, gs, js]
         starts = _chunk_starts(blk, ends, init, X[0])
-        saved[bs, gs, js].copy_(blk.chunks_to_natural(starts))
+        blk.saved_view(saved).copy_(starts)
         H = _states(a, X, starts)
         last[bs, gs, js].copy_(blk.state_to_natural(H[T - 1, nc - 1]))
         blk.sum_n(H, blk.C, blk.pos_out(y), tmp=a)
@@ -530,7 +529,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
         y.mul_(F.silu(p.lay.gather(z, 2, cd), inplace=True))
     out = torch.empty(u.shape, dtype=u.dtype, device=dev)
     p.lay.scatter(y, out)
-    return out, last.view(p.batch, p.dim, N), saved.view(p.batch, p.dim, nc, N)
+    return out, last.view(p.batch, p.dim, N), saved
 
 
 def _empty_forward(u, A, initial_state):
@@ -581,7 +580,6 @@ def _backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_st
         dy = dout_c * z_silu
     else:
         dy = dout_c
-    saved_v = saved.view(batch, G, dpg, nc, N)
     dlast = None if dlast_state is None else dlast_state.to(cd).view(batch, G, dpg, N)
 
     y = torch.empty(pos_shape, dtype=cd, device=dev) if z is not None else None
@@ -610,7 +608,7 @@ def _backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_st
         init = None if p.init is None else p.init[bs, gs, js]
         ends = _decay_input_chunk_ends(blk, a, H, need_ends=(cd != torch.float32 and nc > 1))
         if cd == torch.float32:
-            starts = blk.natural_to_chunks(saved_v[bs, gs, js])
+            starts = blk.saved_view(saved)
         else:  # float64: saved is float32, recompute the chunk starts exactly
             starts = _chunk_starts(blk, ends, init, H[0])
         _states(a, H, starts)
