@@ -3,7 +3,8 @@
 Every fast backend (``torch_backend``, ``triton_backend``) is a plain module with
 
 * ``NAME``; ``unavailable_reason(device) -> str | None``; optional ``SUPPORTED_DTYPES``;
-* ``saved_shape(batch, dim, seqlen, d_state)``: shape of the float32 tensor its forward keeps for backward;
+* ``saved_shape(batch, dim, seqlen, d_state)``: shape of the tensor its forward keeps for backward
+  (float32, or ``saved_dtype(input_dtype)`` where the backend defines it);
 * ``scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, reverse)``
   -> ``(out, last_state, saved)``;
 * ``scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, saved,
@@ -57,11 +58,13 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, revers
     for size in u.shape[2:]:
         seqlen *= size
     d_state = A.shape[1]
-    saved = get_backend_module(backend).saved_shape(batch, dim, seqlen, d_state)
+    module = get_backend_module(backend)
+    # `saved` is float32 unless the backend says otherwise (triton keeps float64 for float64 inputs).
+    saved_dtype = getattr(module, "saved_dtype", lambda dtype: torch.float32)(u.dtype)
     return (
         u.new_empty(u.shape),
         u.new_empty((batch, dim, d_state), dtype=_state_dtype(u)),
-        u.new_empty(saved, dtype=torch.float32),
+        u.new_empty(module.saved_shape(batch, dim, seqlen, d_state), dtype=saved_dtype),
     )
 
 

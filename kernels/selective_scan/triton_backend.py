@@ -52,7 +52,7 @@ Sequence tensors keep their strides (token-major views, ``Ls = (L1, L2)`` two-le
 position ``t`` lives at ``(t // L2, t % L2)``): nothing is copied; ``reverse=True`` is pure index
 arithmetic. All offsets are int64. fp16/bf16 inputs are converted to float32 on load; outputs are
 stored in ``u.dtype``. float64 inputs are computed in float64 end to end (``saved`` is then float64
-too, so the fake/meta shape of ``saved`` should use the compute dtype, not always float32). ``A``, ``D``, ``delta_bias`` and ``initial_state`` are small and are made
+too: ``saved_dtype`` tells the public layer's fake kernel). ``A``, ``D``, ``delta_bias`` and ``initial_state`` are small and are made
 contiguous (a copy only when they are not).
 
 Triton is optional: without it this module still imports, and ``unavailable_reason`` says why it
@@ -630,6 +630,11 @@ def _block_t(seqlen: int) -> int:
     if chunk < 1 or chunk & (chunk - 1):
         raise ValueError(f"triton_backend.CHUNK_SIZE must be a power of two, got {CHUNK_SIZE!r}")
     return max(1, min(chunk, _next_power_of_2(max(int(seqlen), 1))))
+
+
+def saved_dtype(input_dtype: torch.dtype) -> torch.dtype:
+    """dtype of ``saved``: the state dtype (float64 for float64 inputs, else float32)."""
+    return torch.float64 if input_dtype == torch.float64 else torch.float32
 
 
 def saved_shape(batch: int, dim: int, seqlen: int, d_state: int) -> Tuple[int, ...]:
