@@ -8,7 +8,7 @@
 # multi-scale training (shorter side 480-800, with DETR-style random crops half of the time),
 # random flip, 1000-iteration warm-up, steps at epochs 27 and 33. That is also the schedule
 # VMamba used for its 3x numbers.
-_base_ = ['mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco.py']
+_base_ = ['mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco.py', '../_base_/vim2_paramwise.py']
 
 custom_imports = dict(imports=['vim2.mm'], allow_failed_imports=False)
 
@@ -30,24 +30,10 @@ model = dict(
 
 # AdamW lr 1e-4, weight decay 0.05 (paper); no decay on norms, biases, 1-D and scan parameters.
 optim_wrapper = dict(
+    _delete_=True,
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=0.0001, betas=(0.9, 0.999), weight_decay=0.05),
-    paramwise_cfg=dict(
-        _delete_=True,
-        norm_decay_mult=0.,
-        bias_decay_mult=0.,
-        flat_decay_mult=0.,
-        # The names of ViM2.no_weight_decay(): SSM dynamics, per-position B/C offsets and the
-        # weighted-averaging scalars (the multi-dimensional ones; 1-D ones are covered above).
-        custom_keys={
-            '.A_log': dict(decay_mult=0.),
-            '.D': dict(decay_mult=0.),
-            '.dt_proj_bias': dict(decay_mult=0.),
-            '.delta_bias': dict(decay_mult=0.),
-            '.B_bias': dict(decay_mult=0.),
-            '.C_bias': dict(decay_mult=0.),
-            '.input_average.weight': dict(decay_mult=0.),
-        }))
+    paramwise_cfg={{_base_.vim2_paramwise_cfg}})
 
 train_dataloader = dict(batch_size=2)  # x 8 GPUs = 16
 auto_scale_lr = dict(enable=False, base_batch_size=16)

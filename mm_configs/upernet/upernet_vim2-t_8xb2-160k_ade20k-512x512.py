@@ -8,7 +8,7 @@
 # schedules/schedule_160k}): data in data/ade/ADEChallengeData2016, random resize 0.5-2.0 + crop
 # + flip + photometric distortion, 1500-iteration linear warm-up then poly decay, SyncBN heads.
 # Multi-scale test (the paper's second number): tools/test.py ... --tta (ratios 0.5-1.75 + flip).
-_base_ = ['mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py']
+_base_ = ['mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py', '../_base_/vim2_paramwise.py']
 
 custom_imports = dict(imports=['vim2.mm'], allow_failed_imports=False)
 
@@ -38,21 +38,7 @@ optim_wrapper = dict(
     _delete_=True,
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=0.00006, betas=(0.9, 0.999), weight_decay=0.01),
-    paramwise_cfg=dict(
-        norm_decay_mult=0.,
-        bias_decay_mult=0.,
-        flat_decay_mult=0.,
-        # The names of ViM2.no_weight_decay(): SSM dynamics, per-position B/C offsets and the
-        # weighted-averaging scalars (the multi-dimensional ones; 1-D ones are covered above).
-        custom_keys={
-            '.A_log': dict(decay_mult=0.),
-            '.D': dict(decay_mult=0.),
-            '.dt_proj_bias': dict(decay_mult=0.),
-            '.delta_bias': dict(decay_mult=0.),
-            '.B_bias': dict(decay_mult=0.),
-            '.C_bias': dict(decay_mult=0.),
-            '.input_average.weight': dict(decay_mult=0.),
-        }))
+    paramwise_cfg={{_base_.vim2_paramwise_cfg}})
 
 train_dataloader = dict(batch_size=2)  # x 8 GPUs = 16
 val_dataloader = dict(batch_size=1)
