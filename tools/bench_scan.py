@@ -5,6 +5,7 @@ Methods (each computes the full S6 of ``vim2_kernels.selective_scan_fn`` with de
 D and the z gate, so they do the same work):
 
 * ``torch``      — ``vim2_kernels.selective_scan_fn(..., backend="torch")`` (chunked scan, this repo)
+* ``torch_2level`` — the same with the streamed scan turned off (two-level scheme at every shape)
 * ``reference``  — ``vim2_kernels.selective_scan_fn(..., backend="reference")`` (plain loop over time)
 * ``pscan``      — mambapy's Blelloch parallel scan (``from mambapy.pscan import pscan``), used as
                    mambapy's own Mamba does: (B, L, D, N) decays and inputs, then ``hs @ C``
@@ -25,6 +26,7 @@ forward + backward on the 3136-long sequence (about 2 minutes per call).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
@@ -108,8 +110,28 @@ def _mamba_ref_method() -> Callable:
 
 SLOW_METHODS = ("reference", "mamba_ref")  # plain loops over time: fewer timed runs
 
+def _torch_two_level() -> Callable:
+    """The torch backend with its streamed scan turned off (the two-level scheme for every shape)."""
+    from vim2_kernels.selective_scan import torch_backend
+
+    run = _vim2("torch")
+
+    @contextlib.contextmanager
+    def context():  # held over forward and backward
+        saved = torch_backend.STREAM_MIN_STEP_ELEMS
+        torch_backend.STREAM_MIN_STEP_ELEMS = 1 << 62
+        try:
+            yield
+        finally:
+            torch_backend.STREAM_MIN_STEP_ELEMS = saved
+
+    run.context = context
+    return run
+
+
 METHOD_FACTORIES = {
     "torch": lambda: _vim2("torch"),
+    "torch_2level": _torch_two_level,
     "reference": lambda: _vim2("reference"),
     "pscan": _pscan_method,
     "mamba_ref": _mamba_ref_method,
@@ -131,13 +153,14 @@ def load_methods(names: List[str]) -> Dict[str, Callable]:
 # ---------------------------------------------------------------------------------------------------
 
 def _call(fn: Callable, inputs: Dict[str, torch.Tensor], backward: bool, dout: torch.Tensor) -> None:
-    if not backward:
-        with torch.no_grad():
-            fn(**inputs)
-        return
-    leaves = {k: v.detach().requires_grad_(True) for k, v in inputs.items()}
-    out = fn(**leaves)
-    out.backward(dout)
+    with getattr(fn, "context", contextlib.nullcontext)():  # a method's settings, if it has any
+        if not backward:
+            with torch.no_grad():
+                fn(**inputs)
+            return
+        leaves = {k: v.detach().requires_grad_(True) for k, v in inputs.items()}
+        out = fn(**leaves)
+        out.backward(dout)
 
 
 def _timed(fn, inputs, backward: bool, dout):
@@ -213,7 +236,8 @@ def check_agreement(methods, inputs) -> Dict[str, float]:
         errs = {}
         for name, fn in methods.items():
             if ref is not None and name != "torch":
-                errs[name] = float((fn(**inputs) - ref).abs().max())
+                with getattr(fn, "context", contextlib.nullcontext)():
+                    errs[name] = float((fn(**inputs) - ref).abs().max())
     return errs
 
 

@@ -25,6 +25,14 @@ chunk-local reverse pass, reverse chunk pass with exp(A * sum_{t>=1} dt), final 
 ddt = u dx + sum_n A q (then softplus' and the bias), du = dt dx + D dy, dA = sum dt q,
 dinitial_state = a_0 g_0, dz = dout y silu'(z).
 
+Streamed scan: when one step of all rows is already large (shared layout and
+``batch * dim * N >= STREAM_MIN_STEP_ELEMS``, e.g. ViM's 2 x 768 x 16), the sequence is walked in
+plain order, one fused op per step over all rows (``_stream_forward`` / ``_stream_backward``):
+decays and inputs are formed per cache-resident group of steps, there is no chunk-local pass, the
+backward walks the chunks right to left from the same saved chunk starts and carries the state
+gradient from chunk to chunk. Measured at the ViM shape (one thread) about 1.5x faster than the
+two-level scheme, which stays for small steps (long sequences, few channels) and the rows layout.
+
 Two working layouts, chosen by channels per B/C group (``SHARED_LAYOUT_MIN_CHANNELS``):
 * shared (dim/G >= 8, e.g. ViM token mixers): state step ``(nc, batch, G, N, channels)``; the
   contractions with B/C over N or over channels are batched matrix products;
@@ -119,16 +127,18 @@ class _Layout:
     (or L - 1 - p when reverse); positions p >= L are zero padding at the end of the last chunk.
     """
 
-    def __init__(self, seq_shape: Tuple[int, ...], reverse: bool, device: torch.device):
+    def __init__(self, seq_shape: Tuple[int, ...], reverse: bool, device: torch.device, streamed: bool = False):
         self.seq_shape = tuple(seq_shape)
         self.L = L = math.prod(self.seq_shape)
-        self.T, self.nc = T, nc = chunking(L)
+        # streamed: plain scan order (L, 1), the sequence walked step by step (see _stream_forward)
+        self.T, self.nc = T, nc = (L, 1) if streamed else chunking(L)
         self.reverse = reverse
         self.device = device
         k = torch.arange(T * nc, device=device)
         p = (k % nc) * T + k // nc
         natural = (L - 1 - p) if reverse else p
         self.pad_from = L - (nc - 1) * T  # steps t >= pad_from of the last chunk are padding
+        self.identity = nc == 1 and not reverse  # layout position == natural position: a plain transpose
         self.natural = natural.clamp(0, L - 1)  # padding reads a real position, zeroed afterwards
         if len(self.seq_shape) == 2:
             L2 = self.seq_shape[1]
@@ -172,7 +182,12 @@ class _Layout:
         outer, moved = shape[: lead - move], shape[lead - move:]
         R1, R2 = math.prod(outer), math.prod(moved)
         rows = self.T * self.nc * R2
-        if self._seq_innermost(x) and R1 > 1:
+        if self.identity and R2 == 1 and self._seq_innermost(x):
+            # (R1, L) -> (L, R1): one blocked transpose (with the dtype conversion), no index
+            res = out[: rows * R1].view(rows, R1) if out is not None else torch.empty(
+                (rows, R1), dtype=dtype, device=x.device)
+            out = res.copy_(x.reshape(R1, self.L).t())
+        elif self._seq_innermost(x) and R1 > 1:
             x2 = x.reshape(R1, R2 * self.L)
             if x2.dtype != dtype:
                 x2 = x2.to(dtype)
@@ -210,6 +225,9 @@ class _Layout:
         R2 = math.prod(moved)
         R1 = math.prod(y.shape[2 + move:])
         rows = y.reshape(self.T * self.nc * R2, R1)
+        if self.identity and R2 == 1:
+            out.view(R1, self.L).copy_(rows.t())  # blocked transpose (with the dtype conversion)
+            return out
         index = self._rows("scatter", R2)
         if tmp is not None and tmp.dtype == y.dtype:
             tmp = torch.index_select(rows, 0, index, out=tmp[: index.numel() * R1].view(index.numel(), R1))
@@ -222,18 +240,18 @@ class _Layout:
 
 
 @lru_cache(maxsize=32)
-def _layout(seq_shape: Tuple[int, ...], reverse: bool, device: torch.device) -> _Layout:
-    return _Layout(seq_shape, reverse, device)
+def _layout(seq_shape: Tuple[int, ...], reverse: bool, device: torch.device, streamed: bool = False) -> _Layout:
+    return _Layout(seq_shape, reverse, device, streamed)
 
 
 def _row_blocks(batch: int, groups: int, per_group: int, row_elems: int, steps: int,
-                min_rows: int = 1) -> Iterator[Tuple[slice, slice, slice]]:
+                min_rows: int = 1, budget: Optional[int] = None) -> Iterator[Tuple[slice, slice, slice]]:
     """Splits the (batch, G, dim/G) rows into blocks of about ``_block_elems(steps)`` state elements.
 
     A block covers whole batch items, or whole groups of one item, or part of one group, so that
     its B/C are a plain slice (channels of a block share the B/C rows of their groups).
     """
-    rows = max(min_rows, _block_elems(steps) // max(row_elems, 1))
+    rows = max(min_rows, (budget or _block_elems(steps)) // max(row_elems, 1))
     dim = groups * per_group
 
     def split(n, size):
@@ -264,6 +282,13 @@ def _row_blocks(batch: int, groups: int, per_group: int, row_elems: int, steps: 
 # as batched matrix products with the group's B/C) beats the "rows" layout (state (N, rows), N-outer,
 # contractions as reductions over an outer axis, right for dim/G == 1 such as the channel mixer).
 SHARED_LAYOUT_MIN_CHANNELS = 8
+# Streamed scan (shared layout only): when one step of all rows has at least this many state
+# elements, walking the sequence step by step costs no more per-op overhead than the two-level scheme
+# and keeps every buffer cache resident (see _stream_forward).
+STREAM_MIN_STEP_ELEMS = 1 << 14
+_STREAM_STEP_ELEMS = 1 << 15  # state elements of one step of a streamed row block
+_STREAM_GROUP_ELEMS = 1 << 18  # state elements per group of steps (decays/inputs of the group)
+_STREAM_GROUP_STEPS: Optional[int] = None  # fixed steps per group instead (tests: ragged groups)
 
 
 class _Problem:
@@ -276,7 +301,7 @@ class _Problem:
     """
 
     def __init__(self, u, delta, A, B, C, delta_bias, initial_state, delta_softplus, reverse,
-                 keep_raw_delta=False, shared=None):
+                 keep_raw_delta=False, shared=None, streamed=None):
         self.batch, self.dim = u.shape[:2]
         self.seq_shape = tuple(u.shape[2:])
         self.cd = cd = torch.float64 if u.dtype == torch.float64 else torch.float32
@@ -288,7 +313,10 @@ class _Problem:
         self.G = G = B.shape[1]
         self.dpg = dpg = self.dim // G
         self.shared = (dpg >= SHARED_LAYOUT_MIN_CHANNELS) if shared is None else bool(shared)
-        self.lay = lay = _layout(self.seq_shape, bool(reverse), u.device)
+        if streamed is None:
+            streamed = self.shared and self.batch * self.dim * self.N >= STREAM_MIN_STEP_ELEMS
+        self.streamed = streamed = bool(streamed) and self.shared
+        self.lay = lay = _layout(self.seq_shape, bool(reverse), u.device, streamed)
         self.T, self.nc = lay.T, lay.nc
         pos_shape = (self.T, self.nc, self.batch, G, dpg)
         raw = lay.gather(delta, 2, cd).view(pos_shape)
@@ -316,6 +344,8 @@ class _Problem:
 
     # --- layout helpers -------------------------------------------------------------------------
     def blocks(self):
+        if self.streamed:  # one step of a block: about _STREAM_STEP_ELEMS state elements
+            return list(_row_blocks(self.batch, self.G, self.dpg, self.N, 1, budget=_STREAM_STEP_ELEMS))
         # the rows layout gathers B/C per block: its blocks never split a group
         return list(_row_blocks(self.batch, self.G, self.dpg, self.T * self.nc * self.N, self.T,
                                 min_rows=1 if self.shared else self.dpg))
@@ -489,6 +519,159 @@ def _states(a: Tensor, X: Tensor, starts: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------
+# streamed scan: the sequence walked step by step over many rows at once
+# ---------------------------------------------------------------------------------------------------
+# When one step of all rows is already large (e.g. ViM: batch * dim * N = 24576 state elements), the
+# two-level scheme buys nothing: one op per step is as cheap as one op per step of every chunk, and
+# the plain recurrence needs no chunk-local pass. Decays and inputs are formed for a group of steps
+# that stays cache resident (``_STREAM_GROUP_ELEMS``) instead of for the whole block, so every pass
+# reads and writes cache rather than memory. ``saved`` keeps the same chunk-start states
+# (``chunking(L)``); the backward walks the chunks right to left, recomputing each chunk's states from
+# its saved start and carrying the state gradient from one chunk to the one before.
+
+
+def _stream_view(buf: Tensor, steps: int, blk: _Block) -> Tensor:
+    return buf[: steps * math.prod(blk.step)].view((steps,) + blk.step)
+
+
+def _stream_starts_view(blk: _Block, saved: Tensor, nchunks: int) -> Tensor:
+    """This block's chunk starts in ``saved`` (batch, dim, nc, N) as (nc, bb, gb, N, jb)."""
+    p = blk.p
+    v = saved.view(p.batch, p.G, p.dpg, nchunks, p.N)[blk.bs, blk.gs, blk.js]  # (bb, gb, jb, nc, N)
+    return v.permute(3, 0, 1, 4, 2)
+
+
+def _sum_n_into(S: Tensor, V: Tensor, out: Tensor) -> None:
+    """out (n, 1, bb, gb, jb) = sum_n V * S for S (n, 1, bb, gb, N, jb), V (n, 1, bb, gb, N, 1)."""
+    n, _, bb, gb, N, jb = S.shape
+    k = n * bb * gb
+    if out.is_contiguous():
+        torch.bmm(V.reshape(k, 1, N), S.view(k, N, jb), out=out.view(k, 1, jb))
+    else:
+        out.copy_(torch.bmm(V.reshape(k, 1, N), S.view(k, N, jb)).view(out.shape))
+
+
+def _sum_j_into(S: Tensor, w: Tensor, out: Tensor) -> None:
+    """out (n, 1, bb, gb, N, 1) += sum_j w * S for S (n, 1, bb, gb, N, jb), w (n, 1, bb, gb, 1, jb)."""
+    n, _, bb, gb, N, jb = S.shape
+    k = n * bb * gb
+    # as (1, jb) @ (jb, N) rows: several times faster than the (N, jb) @ (jb, 1) matrix-vector form
+    w, S_t = w.reshape(k, 1, jb), S.view(k, N, jb).transpose(1, 2)
+    if out.is_contiguous():
+        out.view(k, 1, N).baddbmm_(w, S_t)
+    else:
+        out.add_(torch.bmm(w, S_t).view(out.shape))
+
+
+def _stream_scan(blk: _Block, a_buf: Tensor, x_buf: Tensor, h_buf: Tensor, group: int, init: Optional[Tensor],
+                 starts: Tensor, Tc: int, y: Optional[Tensor] = None) -> Tensor:
+    """Walks the block's sequence; writes the state before every chunk of ``Tc`` steps into ``starts``
+    (nc, bb, gb, N, jb) and, when ``y`` is given, y_t = C_t . h_t into it. Returns the last state
+    (1, bb, gb, N, jb), a view of ``h_buf``."""
+    L = blk.p.lay.L
+    h = None if init is None else blk.natural_to_state(init)
+    carry = _stream_view(h_buf, 1, blk)[0]
+    for t0 in range(0, L, group):
+        n = min(group, L - t0)
+        a, X = _stream_view(a_buf, n, blk), _stream_view(x_buf, n, blk)
+        torch.mul(blk.dt[t0:t0 + n], blk.At, out=a).exp_()
+        torch.mul(blk.x[t0:t0 + n], blk.B[t0:t0 + n], out=X)
+        for i in range(n):
+            t = t0 + i
+            if t % Tc == 0:
+                if h is None:
+                    starts[t // Tc].zero_()
+                else:
+                    starts[t // Tc].copy_(h.reshape(starts.shape[1:]))
+            if h is not None:
+                X[i].addcmul_(a[i], h)
+            h = X[i]
+        if y is not None:
+            _sum_n_into(X, blk.C[t0:t0 + n], y[t0:t0 + n])
+        h = carry.copy_(X[n - 1])  # the group buffers are overwritten by the next group
+    return h
+
+
+def _stream_forward(p: _Problem, y: Tensor, last: Tensor, saved: Tensor) -> None:
+    """Streamed forward over all row blocks: y (L, 1, batch, G, dpg), last (batch, G, dpg, N), saved."""
+    L, cd, dev = p.lay.L, p.cd, y.device
+    Tc, nchunks = chunking(L)
+    blocks = [p.block(*b) for b in p.blocks()]
+    step = max(math.prod(b.step) for b in blocks)
+    group = _STREAM_GROUP_STEPS or max(1, min(L, _STREAM_GROUP_ELEMS // step))
+    a_buf, x_buf, h_buf = _ensure_buffers(3, group * step, cd, dev)
+    for blk in blocks:
+        init = None if p.init is None else p.init[blk.bs, blk.gs, blk.js]
+        starts = _stream_starts_view(blk, saved, nchunks)
+        h = _stream_scan(blk, a_buf, x_buf, h_buf, group, init, starts, Tc, y=blk.pos_out(y))
+        last[blk.bs, blk.gs, blk.js].copy_(blk.state_to_natural(h[0]))
+
+
+def _stream_backward(p: _Problem, saved: Tensor, dy: Tensor, y: Optional[Tensor], dx: Tensor, ddt: Tensor,
+                     dB: Tensor, dC: Tensor, dA: Tensor, dinit: Optional[Tensor], dlast: Optional[Tensor]) -> None:
+    """Streamed backward: chunks right to left, states recomputed from the saved chunk starts.
+
+    Per-position results (y, dx, ddt) are written, dB/dC/dA accumulated, dinit written.
+    """
+    L, N, cd, dev = p.lay.L, p.N, p.cd, dy.device
+    Tc, nchunks = chunking(L)
+    blocks = [p.block(*b) for b in p.blocks()]
+    step = max(math.prod(b.step) for b in blocks)
+    a_buf, h_buf, g_buf, c_buf = _ensure_buffers(4, Tc * step, cd, dev)
+    for blk in blocks:
+        bs, gs, js = blk.bs, blk.gs, blk.js
+        if cd == torch.float32:
+            starts = _stream_starts_view(blk, saved, nchunks)
+        else:  # float64: saved is float32, recompute the chunk starts exactly
+            starts = torch.empty((nchunks,) + blk.step[1:], dtype=cd, device=dev)
+            init = None if p.init is None else p.init[bs, gs, js]
+            _stream_scan(blk, a_buf, h_buf, g_buf, Tc, init, starts, Tc)
+        dy_b, y_b = blk.pos(dy), (None if y is None else blk.pos_out(y))
+        dx_b, ddt_b, dB_b, dC_b = blk.pos_out(dx), blk.pos_out(ddt), blk.bc(dB), blk.bc(dC)
+        carry = None
+        if dlast is not None:
+            carry = blk.natural_to_state(dlast[bs, gs, js])
+        dA_b = dA[gs, :, js]
+        for c in range(nchunks - 1, -1, -1):
+            s0 = c * Tc
+            n = min(Tc, L - s0)
+            sl = slice(s0, s0 + n)
+            a, H, Gs = (_stream_view(b, n, blk) for b in (a_buf, h_buf, g_buf))
+            dt_c, x_c, B_c, C_c, dy_c = blk.dt[sl], blk.x[sl], blk.B[sl], blk.C[sl], dy_b[sl]
+            torch.mul(dt_c, blk.At, out=a).exp_()
+            torch.mul(x_c, B_c, out=H)
+            h0 = starts[c]
+            H[0].addcmul_(a[0], h0)
+            for i in range(1, n):
+                H[i].addcmul_(a[i], H[i - 1])
+            if y_b is not None:
+                _sum_n_into(H, C_c, y_b[sl])
+            _sum_j_into(H, dy_c, dC_b[sl])
+            # state gradient g_t = C_t dy_t + a_{t+1} g_{t+1}, the carry bringing in the later chunks
+            torch.mul(C_c, dy_c, out=Gs)
+            if carry is not None:
+                Gs[n - 1].add_(carry)
+            for i in range(n - 2, -1, -1):
+                Gs[i].addcmul_(a[i + 1], Gs[i + 1])
+            carry = torch.mul(a[0], Gs[0], out=_stream_view(c_buf, 1, blk)[0])  # a_{s0} g_{s0}
+            # Q = g_t a_t h_{t-1}, the gradient reaching dt_t * A, in place in the decay buffer
+            Q = a.mul_(Gs)
+            if n > 1:
+                Q[1:].mul_(H[:-1])
+            Q[0].mul_(h0)
+            _sum_n_into(Gs, B_c, dx_b[sl])
+            _sum_j_into(Gs, x_c, dB_b[sl])
+            AQ = torch.mul(Q, blk.At, out=H)  # sum_n A Q
+            if ddt_b.is_contiguous():
+                torch.sum(AQ, 4, out=ddt_b[sl])
+            else:
+                ddt_b[sl].copy_(AQ.sum(4))
+            dA_b += Q.mul_(dt_c).sum((0, 1, 2))
+        if dinit is not None:
+            dinit[bs, gs, js].copy_(blk.state_to_natural(carry[0]))
+
+
+# ---------------------------------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------------------------------
 
@@ -510,9 +693,13 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
     y = torch.empty(T, nc, p.batch, p.G, p.dpg, dtype=cd, device=dev)
     last = torch.empty(p.batch, p.G, p.dpg, N, dtype=cd, device=dev)
     saved = torch.empty(saved_shape(p.batch, p.dim, p.lay.L, N), dtype=torch.float32, device=dev)
-    bufs = _ensure_buffers(2 if p.shared else 5, p.max_block_numel(), cd, dev)
-    a_buf, x_buf = bufs[:2]
-    for bs, gs, js in p.blocks():
+    if p.streamed:
+        _stream_forward(p, y, last, saved)
+        bufs = ()
+    else:
+        bufs = _ensure_buffers(2 if p.shared else 5, p.max_block_numel(), cd, dev)
+        a_buf, x_buf = bufs[:2]
+    for bs, gs, js in (() if p.streamed else p.blocks()):
         blk = p.block(bs, gs, js, work=bufs[2:5])
         a, X = blk.view(a_buf), blk.view(x_buf)
         ends = _decay_input_chunk_ends(blk, a, X, need_ends=nc > 1)
@@ -594,9 +781,12 @@ def _backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_st
         dC = torch.empty((batch, G, N) + seq, dtype=C.dtype, device=dev)
     dA = torch.zeros(p.At.shape, dtype=cd, device=dev)
     dinit = torch.empty(batch, G, dpg, N, dtype=cd, device=dev) if initial_state is not None else None
-    bufs = _ensure_buffers(3 if p.shared else 8, p.max_block_numel(), cd, dev)
-    a_buf, h_buf, g_buf = bufs[:3]
-    for bs, gs, js in p.blocks():
+    if p.streamed:
+        _stream_backward(p, saved, dy, y, dx, ddt, dB, dC, dA, dinit, dlast)
+    else:
+        bufs = _ensure_buffers(3 if p.shared else 8, p.max_block_numel(), cd, dev)
+        a_buf, h_buf, g_buf = bufs[:3]
+    for bs, gs, js in (() if p.streamed else p.blocks()):
         blk = p.block(bs, gs, js, work=bufs[3:6])
         a, H, Gs = blk.view(a_buf), blk.view(h_buf), blk.view(g_buf)
         if p.shared:

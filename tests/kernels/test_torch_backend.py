@@ -8,6 +8,7 @@ group; "rows": N-outer reductions, for dim/G == 1 such as the channel mixer) and
 dominates the runtime.
 """
 import itertools
+import math
 
 import pytest
 import torch
@@ -31,9 +32,16 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 5e-3, tor
 @pytest.fixture
 def backend_settings(monkeypatch):
     """Forces the working layout and the row-block size of the backend for one test."""
-    def apply(layout_mode, block):
+    def apply(layout_mode, block, seqlen):
         if layout_mode is not None:  # threshold on channels per group for the shared layout
-            monkeypatch.setattr(tb, "SHARED_LAYOUT_MIN_CHANNELS", 1 if layout_mode == "shared" else 10 ** 9)
+            monkeypatch.setattr(tb, "SHARED_LAYOUT_MIN_CHANNELS", 10 ** 9 if layout_mode == "rows" else 1)
+            # "stream": the shared layout walked step by step (used for large steps, e.g. ViM shapes),
+            # in groups of 3 steps so that groups end inside and across chunks
+            stream = layout_mode == "stream"
+            monkeypatch.setattr(tb, "STREAM_MIN_STEP_ELEMS", 0 if stream else 10 ** 12)
+            monkeypatch.setattr(tb, "_STREAM_GROUP_STEPS", 3 if stream else None)
+            if stream and block is not None:  # the same rows per block as the chunked layouts
+                monkeypatch.setattr(tb, "_STREAM_STEP_ELEMS", max(1, block // seqlen))
         if block is not None:
             monkeypatch.setenv("VIM2_TORCH_SCAN_BLOCK", str(block))
     return apply
@@ -125,7 +133,7 @@ def assert_close(name, actual, expected, dtype):
 
 def check_case(backend_settings, seed=0, **overrides):
     cfg, inputs, dout, dlast = make_case(seed, **overrides)
-    backend_settings(cfg["layout_mode"], cfg["block"])
+    backend_settings(cfg["layout_mode"], cfg["block"], math.prod(cfg["Ls"]))
     x = backend_inputs(cfg, inputs)
     originals = {k: v.clone() for k, v in x.items() if v is not None}
     if cfg["layout"] != "contiguous":
@@ -192,14 +200,14 @@ def test_lengths_and_states_match_reference(backend_settings, case):
 OPTION_NAMES = ("D", "z", "bias", "softplus", "reverse", "h0")
 
 
-@pytest.mark.parametrize("layout_mode", ["shared", "rows"])
+@pytest.mark.parametrize("layout_mode", ["shared", "rows", "stream"])
 @pytest.mark.parametrize("mask", range(2 ** len(OPTION_NAMES)), ids=lambda m: f"opts{m:02d}")
 def test_every_option_combination(backend_settings, mask, layout_mode):
     opts = {name: bool(mask >> i & 1) for i, name in enumerate(OPTION_NAMES)}
     check_case(backend_settings, seed=mask, Ls=(20,), N=3, dlast=bool(mask & 1), layout_mode=layout_mode, **opts)
 
 
-@pytest.mark.parametrize("layout_mode", ["shared", "rows"])
+@pytest.mark.parametrize("layout_mode", ["shared", "rows", "stream"])
 @pytest.mark.parametrize("groups,dim,block", [(1, 8, None), (2, 8, 3 * 20 * 3), (4, 8, 2 * 20 * 3), (8, 8, None),
                                                (2, 12, 5 * 20 * 3)])
 def test_groups_and_row_blocks(backend_settings, groups, dim, block, layout_mode):
@@ -210,7 +218,7 @@ def test_groups_and_row_blocks(backend_settings, groups, dim, block, layout_mode
 
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("layout,Ls", [("token_major", (33,)), ("col_major_2d", (5, 7)), ("contiguous", (6, 5))])
-@pytest.mark.parametrize("layout_mode", ["shared", "rows"])
+@pytest.mark.parametrize("layout_mode", ["shared", "rows", "stream"])
 def test_strided_layouts(backend_settings, layout, Ls, reverse, layout_mode):
     # token-major and column-major views take the index-gather path, channel-major data the
     # transpose path (for two-level sequences too), in both working layouts
@@ -229,11 +237,34 @@ def test_two_level_sequence_equals_flattened():
     torch.testing.assert_close(last2, last1, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("layout_mode", [None, "stream"])
 @pytest.mark.parametrize("dtype,bc_dtype", [(torch.float16, None), (torch.bfloat16, None),
                                             (torch.bfloat16, torch.float32), (torch.float64, None)])
-def test_dtypes(backend_settings, dtype, bc_dtype):
+def test_dtypes(backend_settings, dtype, bc_dtype, layout_mode):
     # half inputs: float32 state and accumulation, results rounded once; float64 computes in float64
-    check_case(backend_settings, dtype=dtype, bc_dtype=bc_dtype, Ls=(65,), groups=2, reverse=True, **ALL)
+    check_case(backend_settings, dtype=dtype, bc_dtype=bc_dtype, Ls=(65,), groups=2, reverse=True,
+               layout_mode=layout_mode, **ALL)
+
+
+@pytest.mark.parametrize("L", [1, 2, 14, 15, 64, 197])
+def test_stream_lengths(backend_settings, L):
+    # the streamed scan: single steps, a chunk boundary at the group edge or inside it, ragged last
+    # chunks; float64 (chunk starts recomputed in float64) and float32 alternately
+    dtype = torch.float64 if L % 2 else torch.float32
+    check_case(backend_settings, Ls=(L,), N=4, dim=8, groups=2, dtype=dtype, reverse=L % 3 == 0,
+               layout_mode="stream", block=3 * L * 4 if L > 14 else None, **ALL)
+
+
+def test_stream_is_chosen_for_large_steps():
+    # ViM-like steps (batch * dim * N >= STREAM_MIN_STEP_ELEMS) walk the sequence step by step;
+    # small steps, long sequences and the rows layout keep the two-level scheme
+    def problem(batch, dim, L, N, G=1):
+        u = torch.zeros(batch, dim, L)
+        B = torch.zeros(batch, G, N, L)
+        return tb._Problem(u, u, -torch.ones(dim, N), B, B, None, None, False, False)
+    assert problem(2, 768, 197, 16).streamed
+    assert not problem(1, 192, 3136, 16).streamed
+    assert not problem(2 * 56 * 56, 1, 192, 16).streamed  # dim / G == 1: rows layout
 
 
 def test_half_precision_against_float32_with_mamba_tolerances():
@@ -260,7 +291,7 @@ def test_half_precision_against_float32_with_mamba_tolerances():
 
 # --- stress and special shapes -------------------------------------------------------------------
 
-@pytest.mark.parametrize("layout_mode", ["shared", "rows"])
+@pytest.mark.parametrize("layout_mode", ["shared", "rows", "stream"])
 def test_stress_large_softplus_arguments_and_very_negative_A(backend_settings, layout_mode):
     # softplus arguments above 20 (identity branch) and A down to -1e3 (decays underflow to 0)
     out, last, grads = check_case(backend_settings, Ls=(65,), delta_shift=22.0, delta_scale=3.0, A_scale=1e3,
