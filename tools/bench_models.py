@@ -201,6 +201,16 @@ def _machine_description(device: str) -> str:
     text = f"{cpu}; torch {torch.__version__}; Python {platform.python_version()}"
     if device.startswith("cuda") and torch.cuda.is_available():
         text = f"{torch.cuda.get_device_name(0)}; " + text
+    try:  # which code was measured: the checkout's commit, and whether model/kernel files differ from it
+        repo = Path(__file__).resolve().parents[1]
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kernels", "vim2"], cwd=repo,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        if head:
+            text += f"; vim2 commit {head}{' + uncommitted kernel/model changes' if dirty else ''}"
+    except (OSError, subprocess.SubprocessError):
+        pass
     try:
         load = os.getloadavg()
         text += f"; load average at start {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}"
