@@ -576,6 +576,7 @@ def _stream_scan(blk: _Block, a_buf: Tensor, x_buf: Tensor, h_buf: Tensor, group
         a, X = _stream_view(a_buf, n, blk), _stream_view(x_buf, n, blk)
         torch.mul(blk.dt[t0:t0 + n], blk.At, out=a).exp_()
         torch.mul(blk.x[t0:t0 + n], blk.B[t0:t0 + n], out=X)
+        a_s, X_s = a.unbind(0), X.unbind(0)  # one call instead of a Python-level index per step
         for i in range(n):
             t = t0 + i
             if t % Tc == 0:
@@ -584,8 +585,8 @@ def _stream_scan(blk: _Block, a_buf: Tensor, x_buf: Tensor, h_buf: Tensor, group
                 else:
                     starts[t // Tc].copy_(h.reshape(starts.shape[1:]))
             if h is not None:
-                X[i].addcmul_(a[i], h)
-            h = X[i]
+                X_s[i].addcmul_(a_s[i], h)
+            h = X_s[i]
         if y is not None:
             _sum_n_into(X, blk.C[t0:t0 + n], y[t0:t0 + n])
         h = carry.copy_(X[n - 1])  # the group buffers are overwritten by the next group
@@ -641,24 +642,25 @@ def _stream_backward(p: _Problem, saved: Tensor, dy: Tensor, y: Optional[Tensor]
             torch.mul(dt_c, blk.At, out=a).exp_()
             torch.mul(x_c, B_c, out=H)
             h0 = starts[c]
-            H[0].addcmul_(a[0], h0)
+            a_s, H_s, G_s = a.unbind(0), H.unbind(0), Gs.unbind(0)
+            H_s[0].addcmul_(a_s[0], h0)
             for i in range(1, n):
-                H[i].addcmul_(a[i], H[i - 1])
+                H_s[i].addcmul_(a_s[i], H_s[i - 1])
             if y_b is not None:
                 _sum_n_into(H, C_c, y_b[sl])
             _sum_j_into(H, dy_c, dC_b[sl])
             # state gradient g_t = C_t dy_t + a_{t+1} g_{t+1}, the carry bringing in the later chunks
             torch.mul(C_c, dy_c, out=Gs)
             if carry is not None:
-                Gs[n - 1].add_(carry)
+                G_s[n - 1].add_(carry)
             for i in range(n - 2, -1, -1):
-                Gs[i].addcmul_(a[i + 1], Gs[i + 1])
-            carry = torch.mul(a[0], Gs[0], out=_stream_view(c_buf, 1, blk)[0])  # a_{s0} g_{s0}
+                G_s[i].addcmul_(a_s[i + 1], G_s[i + 1])
+            carry = torch.mul(a_s[0], G_s[0], out=_stream_view(c_buf, 1, blk)[0])  # a_{s0} g_{s0}
             # Q = g_t a_t h_{t-1}, the gradient reaching dt_t * A, in place in the decay buffer
             Q = a.mul_(Gs)
             if n > 1:
                 Q[1:].mul_(H[:-1])
-            Q[0].mul_(h0)
+            a_s[0].mul_(h0)
             _sum_n_into(Gs, B_c, dx_b[sl])
             _sum_j_into(Gs, x_c, dB_b[sl])
             AQ = torch.mul(Q, blk.At, out=H)  # sum_n A Q
