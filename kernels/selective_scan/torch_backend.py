@@ -30,8 +30,9 @@ Streamed scan: when one step of all rows is already large (shared layout and
 plain order, one fused op per step over all rows (``_stream_forward`` / ``_stream_backward``):
 decays and inputs are formed per cache-resident group of steps, there is no chunk-local pass, the
 backward walks the chunks right to left from the same saved chunk starts and carries the state
-gradient from chunk to chunk. Measured at the ViM shape (one thread) about 1.5x faster than the
-two-level scheme, which stays for small steps (long sequences, few channels) and the rows layout.
+gradient from chunk to chunk. Measured (one thread) about 1.5x faster than the
+two-level scheme at the ViM shape and at B=1, dim=192, L=3136; the two-level scheme stays for small
+steps (few channels) and the rows layout (dim/G < 8, e.g. the channel mixer).
 
 Two working layouts, chosen by channels per B/C group (``SHARED_LAYOUT_MIN_CHANNELS``):
 * shared (dim/G >= 8, e.g. ViM token mixers): state step ``(nc, batch, G, N, channels)``; the
@@ -284,8 +285,9 @@ def _row_blocks(batch: int, groups: int, per_group: int, row_elems: int, steps: 
 SHARED_LAYOUT_MIN_CHANNELS = 8
 # Streamed scan (shared layout only): when one step of all rows has at least this many state
 # elements, walking the sequence step by step costs no more per-op overhead than the two-level scheme
-# and keeps every buffer cache resident (see _stream_forward).
-STREAM_MIN_STEP_ELEMS = 1 << 14
+# and keeps every buffer cache resident (see _stream_forward). Measured crossover (one thread, N=16):
+# equal at 2048 (1 x 128 channels), streamed 1.3-1.5x faster from 3072 (B=1, dim=192, L=3136) up.
+STREAM_MIN_STEP_ELEMS = 1 << 11
 _STREAM_STEP_ELEMS = 1 << 15  # state elements of one step of a streamed row block
 _STREAM_GROUP_ELEMS = 1 << 18  # state elements per group of steps (decays/inputs of the group)
 _STREAM_GROUP_STEPS: Optional[int] = None  # fixed steps per group instead (tests: ragged groups)

@@ -256,14 +256,15 @@ def test_stream_lengths(backend_settings, L):
 
 
 def test_stream_is_chosen_for_large_steps():
-    # ViM-like steps (batch * dim * N >= STREAM_MIN_STEP_ELEMS) walk the sequence step by step;
-    # small steps, long sequences and the rows layout keep the two-level scheme
+    # large steps (batch * dim * N >= STREAM_MIN_STEP_ELEMS: ViM shapes) walk the sequence step by
+    # step; small steps and the rows layout keep the two-level scheme
     def problem(batch, dim, L, N, G=1):
         u = torch.zeros(batch, dim, L)
         B = torch.zeros(batch, G, N, L)
         return tb._Problem(u, u, -torch.ones(dim, N), B, B, None, None, False, False)
     assert problem(2, 768, 197, 16).streamed
-    assert not problem(1, 192, 3136, 16).streamed
+    assert problem(1, 192, 3136, 16).streamed
+    assert not problem(1, 16, 1024, 16).streamed
     assert not problem(2 * 56 * 56, 1, 192, 16).streamed  # dim / G == 1: rows layout
 
 
