@@ -289,7 +289,7 @@ SHARED_LAYOUT_MIN_CHANNELS = 8
 # equal at 2048 (1 x 128 channels), streamed 1.3-1.5x faster from 3072 (B=1, dim=192, L=3136) up.
 STREAM_MIN_STEP_ELEMS = 1 << 11
 _STREAM_STEP_ELEMS = 1 << 15  # state elements of one step of a streamed row block
-_STREAM_GROUP_ELEMS = 1 << 18  # state elements per group of steps (decays/inputs of the group)
+_STREAM_GROUP_ELEMS = 1 << 17  # state elements per group of steps (decays/inputs of the group); measured
 _STREAM_GROUP_STEPS: Optional[int] = None  # fixed steps per group instead (tests: ragged groups)
 
 
