@@ -30,6 +30,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -208,7 +209,7 @@ def _machine_description(device: str) -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "kernels", "vim2"], cwd=repo,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         if head:
-            text += f"; vim2 commit {head}{' + uncommitted kernel/model changes' if dirty else ''}"
+            text += f"; checkout at {head}{' with uncommitted kernel/model changes' if dirty else ''}"
     except (OSError, subprocess.SubprocessError):
         pass
     try:
@@ -335,7 +336,27 @@ def plot(rows: List[Dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def measure_in_subprocess(spec: Dict[str, Any], timeout: float) -> List[Dict[str, Any]]:
+def snapshot_code(dest: Path) -> Optional[str]:
+    """Copy the committed ``vim2`` and ``vim2_kernels`` (kernels/) sources of this checkout to ``dest``.
+
+    Workers import from the snapshot (``PYTHONPATH``), so commits landing in the working tree during a
+    long run cannot mix code versions within one table. Returns the commit, or None outside git.
+    """
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True,
+                              text=True, timeout=30, check=True).stdout.strip()
+        archive = subprocess.run(["git", "archive", head, "kernels", "vim2"], cwd=repo, capture_output=True,
+                                 timeout=60, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    (dest / "kernels").rename(dest / "vim2_kernels")
+    return head
+
+
+def measure_in_subprocess(spec: Dict[str, Any], timeout: float, env: Optional[Dict[str, str]] = None
+                          ) -> List[Dict[str, Any]]:
     """Run :func:`run_worker` for ``spec`` in a fresh Python process; failures become ``n/a`` rows."""
     def failed(reason: str) -> List[Dict[str, Any]]:
         return [dict(model=spec["model"], img_size=spec["size"], mode=m, batch_size=spec["batch_size"],
@@ -343,7 +364,7 @@ def measure_in_subprocess(spec: Dict[str, Any], timeout: float) -> List[Dict[str
 
     try:
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-                              capture_output=True, text=True, timeout=timeout)
+                              capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return failed(f"timeout after {timeout:.0f}s")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH_ROWS ")]
@@ -373,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="measurements to leave out (recorded as n/a), e.g. vim2_tiny:1024:train")
     parser.add_argument("--worker-timeout", type=float, default=900, help="seconds per (model, size) worker")
     parser.add_argument("--out-dir", default="bench_out", help="where bench.csv/.md/.png go")
+    parser.add_argument("--live-code", action="store_true",
+                        help="workers import the working tree as it is at each measurement instead of a "
+                             "snapshot of the committed code taken at the start")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -387,6 +411,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     machine = _machine_description(args.device)
+    worker_env = None
+    snapshot_dir = None
+    if not args.live_code:
+        snapshot_dir = tempfile.TemporaryDirectory(prefix="vim2-bench-code-")
+        commit = snapshot_code(Path(snapshot_dir.name))
+        if commit:
+            worker_env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+                [snapshot_dir.name] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+            machine += f"; vim2/vim2_kernels code frozen at commit {commit} for the whole run"
     print(f"bench: {machine}", flush=True)
     rows: List[Dict[str, Any]] = []
     start = time.perf_counter()
@@ -401,7 +434,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     new = [dict(model=name, img_size=size, mode=mode, batch_size=args.batch_size,
                                 device=args.device, status="n/a", notes="skipped (--skip): over this run's time budget")]
                 else:
-                    new = measure_in_subprocess(spec, args.worker_timeout)
+                    new = measure_in_subprocess(spec, args.worker_timeout, worker_env)
                 rows.extend(new)
                 for r in new:
                     shown = (f"{r['images_per_s']:.3g} img/s, {r['time_ms']:.0f} ms, {r['peak_mem_mb']:.0f} MB"
