@@ -469,7 +469,10 @@ def _ensure_buffers(count: int, numel: int, dtype: torch.dtype, device: torch.de
     key = (device, dtype)
     flat = cache.get(key)
     if flat is None or flat.numel() < count * numel:
-        flat = cache[key] = torch.empty(count * numel, dtype=dtype, device=device)
+        # Never cache an inference tensor: a workspace first made under torch.inference_mode() must
+        # stay writable by later calls outside it (normal tensors are fine inside inference mode).
+        with torch.inference_mode(False):
+            flat = cache[key] = torch.empty(count * numel, dtype=dtype, device=device)
     return [flat[i * numel:(i + 1) * numel] for i in range(count)]
 
 

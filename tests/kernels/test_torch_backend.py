@@ -361,3 +361,20 @@ def test_workspace_is_reused_and_released():
     assert torch.equal(first, second)  # a reused (dirty) workspace gives identical results
     tb.release_workspace()
     assert torch.equal(tb.scan_forward(*(x[k] for k in args), True, False)[0], first)
+
+
+def test_workspace_made_under_inference_mode_serves_training_afterwards():
+    """A first call under torch.inference_mode() must not leave an inference-only workspace behind."""
+    from vim2_kernels import selective_scan_fn
+
+    tb.release_workspace()
+    g = torch.Generator().manual_seed(7)
+    u, delta = torch.randn(2, 16, 33, generator=g), torch.randn(2, 16, 33, generator=g)
+    A, B, C = -torch.rand(16, 4, generator=g), torch.randn(2, 4, 33, generator=g), torch.randn(2, 4, 33, generator=g)
+    with torch.inference_mode():
+        expected = selective_scan_fn(u, delta, A, B, C, delta_softplus=True, backend="torch")
+    leaf = u.clone().requires_grad_(True)
+    out = selective_scan_fn(leaf, delta, A, B, C, delta_softplus=True, backend="torch")
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), expected)
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
