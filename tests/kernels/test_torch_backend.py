@@ -15,8 +15,8 @@ import torch
 
 from vim2_kernels.selective_scan import torch_backend as tb
 from vim2_kernels.selective_scan.reference import selective_scan_reference
+from scan_oracle import GRAD_NAMES, run_reference
 
-GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 SEQ_NAMES = ("u", "delta", "z", "B", "C")
 
 DEFAULTS = dict(batch=2, dim=4, groups=1, N=4, Ls=(7,), D=False, z=False, bias=False, softplus=False,
@@ -105,20 +105,6 @@ def run_backend(cfg, x, dout, dlast):
     grads = tb.scan_backward(dout, dlast, x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
                              x["delta_bias"], x["initial_state"], saved, cfg["softplus"], cfg["reverse"])
     return out, last, dict(zip(GRAD_NAMES, grads))
-
-
-def run_reference(cfg, inputs, dout, dlast):
-    leaves = {k: (None if v is None else v.detach().clone().requires_grad_()) for k, v in inputs.items()}
-    out, last = selective_scan_reference(
-        leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], D=leaves["D"], z=leaves["z"],
-        delta_bias=leaves["delta_bias"], delta_softplus=cfg["softplus"], initial_state=leaves["initial_state"],
-        reverse=cfg["reverse"], return_last_state=True)
-    loss = (out * dout.double()).sum()
-    if dlast is not None:
-        loss = loss + (last * dlast.double()).sum()
-    present = [k for k in GRAD_NAMES if leaves[k] is not None]
-    grads = torch.autograd.grad(loss, [leaves[k] for k in present])
-    return out.detach(), last.detach(), dict(zip(present, grads))
 
 
 def assert_close(name, actual, expected, dtype):

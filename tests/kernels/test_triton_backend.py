@@ -18,13 +18,12 @@ import torch  # noqa: E402
 pytest.importorskip("triton", reason="triton is not installed (the backend is optional)")
 
 from vim2_kernels.selective_scan import triton_backend as tb  # noqa: E402
-from vim2_kernels.selective_scan.reference import selective_scan_reference  # noqa: E402
+from scan_oracle import GRAD_NAMES, run_reference  # noqa: E402
 
 if tb.unavailable_reason(torch.device("cpu")) is not None:
     pytest.skip(f"triton backend cannot run on CPU here: {tb.unavailable_reason(torch.device('cpu'))}",
                 allow_module_level=True)
 
-GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
 DEFAULTS = dict(batch=2, dim=4, groups=1, N=4, Ls=(7,), D=False, z=False, bias=False, softplus=False,
                 reverse=False, h0=False, dlast=False, layout="contiguous", dtype=torch.float32,
@@ -118,20 +117,6 @@ def run_backend(cfg, inputs, dout, dlast):
     du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = grads
     named = dict(u=du, delta=ddelta, A=dA, B=dB, C=dC, D=dD, z=dz, delta_bias=dbias, initial_state=dh0)
     return x, out, last, named
-
-
-def run_reference(cfg, inputs, dout, dlast):
-    leaves = {k: (None if v is None else v.detach().clone().requires_grad_()) for k, v in inputs.items()}
-    out, last = selective_scan_reference(
-        leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], D=leaves["D"], z=leaves["z"],
-        delta_bias=leaves["delta_bias"], delta_softplus=cfg["softplus"], initial_state=leaves["initial_state"],
-        reverse=cfg["reverse"], return_last_state=True)
-    loss = (out * dout.double()).sum()
-    if dlast is not None:
-        loss = loss + (last * dlast.double()).sum()
-    present = [k for k in GRAD_NAMES if leaves[k] is not None]
-    grads = torch.autograd.grad(loss, [leaves[k] for k in present])
-    return out.detach(), last.detach(), dict(zip(present, grads))
 
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
