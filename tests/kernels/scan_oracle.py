@@ -19,3 +19,42 @@ def run_reference(cfg, inputs, dout, dlast):
     present = [k for k in GRAD_NAMES if leaves[k] is not None]
     grads = torch.autograd.grad(loss, [leaves[k] for k in present])
     return out.detach(), last.detach(), dict(zip(present, grads))
+
+
+SEQ_NAMES = ("u", "delta", "z", "B", "C")  # gradients in the input's dtype; the rest in the state dtype
+
+
+def assert_close_within(name, actual, expected, tol):
+    """Max abs error <= tol * max(1, max|expected|)."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if actual.numel() == 0:
+        return
+    scale = max(1.0, expected.abs().max().item())
+    err = (actual.double() - expected).abs().max().item()
+    assert err <= tol * scale, f"{name}: max abs error {err:.3e} > {tol:.0e} * {scale:.3g}"
+
+
+def assert_matches_reference(cfg, inputs, x, out, last, grads, dout, dlast, tolerance):
+    """A backend's forward/backward results against the float64 oracle: dtypes, shapes, values.
+
+    ``x`` are the tensors the backend was given (their layouts), ``inputs`` the same values as the
+    oracle takes them, ``tolerance`` {input dtype: relative tolerance} of the backend under test.
+    """
+    ref_out, ref_last, ref_grads = run_reference(cfg, inputs, dout, dlast)
+    dtype = cfg["dtype"]
+    tol = tolerance[dtype]
+    param = torch.float64 if dtype == torch.float64 else torch.float32
+    assert out.dtype == dtype and out.is_contiguous() and out.shape == x["u"].shape
+    assert last.dtype == param and last.shape == (cfg["batch"], cfg["dim"], cfg["N"])
+    assert_close_within("out", out, ref_out, tol)
+    assert_close_within("last_state", last, ref_last, tol)
+    for name in GRAD_NAMES:
+        if inputs[name] is None:
+            assert grads[name] is None, f"d{name} must be None when {name} is None"
+            continue
+        grad = grads[name]
+        want_dtype = x[name].dtype if name in SEQ_NAMES else param
+        assert grad.dtype == want_dtype, f"d{name}: dtype {grad.dtype} != {want_dtype}"
+        assert grad.shape == x[name].shape, f"d{name}: shape {tuple(grad.shape)} != {tuple(x[name].shape)}"
+        assert torch.isfinite(grad).all(), f"d{name} has non-finite values"
+        assert_close_within(f"d{name}", grad, ref_grads[name], tol)

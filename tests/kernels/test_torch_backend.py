@@ -15,9 +15,8 @@ import torch
 
 from vim2_kernels.selective_scan import torch_backend as tb
 from vim2_kernels.selective_scan.reference import selective_scan_reference
-from scan_oracle import GRAD_NAMES, run_reference
+from scan_oracle import GRAD_NAMES, SEQ_NAMES, assert_close_within, assert_matches_reference
 
-SEQ_NAMES = ("u", "delta", "z", "B", "C")
 
 DEFAULTS = dict(batch=2, dim=4, groups=1, N=4, Ls=(7,), D=False, z=False, bias=False, softplus=False,
                 reverse=False, h0=False, dlast=False, layout="contiguous", dtype=torch.float32, bc_dtype=None,
@@ -108,13 +107,7 @@ def run_backend(cfg, x, dout, dlast):
 
 
 def assert_close(name, actual, expected, dtype):
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    if actual.numel() == 0:
-        return
-    tol = TOLERANCE[dtype]
-    scale = max(1.0, expected.abs().max().item())
-    err = (actual.double() - expected).abs().max().item()
-    assert err <= tol * scale, f"{name}: max abs error {err:.3e} > {tol:.0e} * {scale:.3g}"
+    assert_close_within(name, actual, expected, TOLERANCE[dtype])
 
 
 def check_case(backend_settings, seed=0, **overrides):
@@ -125,22 +118,7 @@ def check_case(backend_settings, seed=0, **overrides):
     if cfg["layout"] != "contiguous":
         assert not x["u"].is_contiguous(), "test bug: the strided layout was lost"
     out, last, grads = run_backend(cfg, x, dout, dlast)
-    ref_out, ref_last, ref_grads = run_reference(cfg, inputs, dout, dlast)
-    dtype = cfg["dtype"]
-    param = torch.float64 if dtype == torch.float64 else torch.float32
-    assert out.dtype == dtype and out.is_contiguous() and out.shape == x["u"].shape
-    assert last.dtype == param and last.shape == (cfg["batch"], cfg["dim"], cfg["N"])
-    assert_close("out", out, ref_out, dtype)
-    assert_close("last_state", last, ref_last, dtype)
-    for name in GRAD_NAMES:
-        if inputs[name] is None:
-            assert grads[name] is None, f"d{name} must be None when {name} is None"
-            continue
-        grad = grads[name]
-        want_dtype = x[name].dtype if name in SEQ_NAMES else param
-        assert grad.dtype == want_dtype, f"d{name}: dtype {grad.dtype} != {want_dtype}"
-        assert grad.shape == x[name].shape, f"d{name}: shape {tuple(grad.shape)} != {tuple(x[name].shape)}"
-        assert_close(f"d{name}", grad, ref_grads[name], dtype)
+    assert_matches_reference(cfg, inputs, x, out, last, grads, dout, dlast, TOLERANCE)
     for name, value in originals.items():  # the backend must not write into its inputs
         assert torch.equal(x[name], value), f"{name} was modified"
     return out, last, grads

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton", reason="triton is not installed (the backend is optional)")
 
 from vim2_kernels.selective_scan import triton_backend as tb  # noqa: E402
-from scan_oracle import GRAD_NAMES, run_reference  # noqa: E402
+from scan_oracle import GRAD_NAMES, assert_close_within, assert_matches_reference  # noqa: E402
 
 if tb.unavailable_reason(torch.device("cpu")) is not None:
     pytest.skip(f"triton backend cannot run on CPU here: {tb.unavailable_reason(torch.device('cpu'))}",
@@ -123,33 +123,14 @@ TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 5e-3, torc
 
 
 def assert_close(name, actual, expected, dtype):
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    tol = TOLERANCE[dtype]
-    scale = max(1.0, expected.abs().max().item())
-    err = (actual.double() - expected).abs().max().item() if actual.numel() else 0.0
-    assert err <= tol * scale, f"{name}: max abs error {err:.3e} > {tol:.0e} * {scale:.3g}"
+    assert_close_within(name, actual, expected, TOLERANCE[dtype])
 
 
 def check_case(settings, seed=0, **overrides):
     cfg, inputs, dout, dlast = make_case(seed, **overrides)
     settings(cfg["chunk"], cfg["block_rows"], cfg["bc"], cfg["segments"])
     x, out, last, grads = run_backend(cfg, inputs, dout, dlast)
-    ref_out, ref_last, ref_grads = run_reference(cfg, inputs, dout, dlast)
-    dtype = cfg["dtype"]
-    param = torch.float64 if dtype == torch.float64 else torch.float32
-    assert out.dtype == dtype and out.is_contiguous() and out.shape == x["u"].shape
-    assert last.dtype == param and last.shape == (cfg["batch"], cfg["dim"], cfg["N"])
-    assert_close("out", out, ref_out, dtype)
-    assert_close("last_state", last, ref_last, dtype)
-    for name in GRAD_NAMES:
-        if inputs[name] is None:
-            assert grads[name] is None, f"d{name} must be None when {name} is None"
-            continue
-        grad = grads[name]
-        want_dtype = x[name].dtype if name in ("u", "delta", "z", "B", "C") else param
-        assert grad.dtype == want_dtype, f"d{name}: dtype {grad.dtype} != {want_dtype}"
-        assert torch.isfinite(grad).all(), f"d{name} has non-finite values"
-        assert_close(f"d{name}", grad, ref_grads[name], dtype)
+    assert_matches_reference(cfg, inputs, x, out, last, grads, dout, dlast, TOLERANCE)
     return cfg, out, grads
 
 
