@@ -4,7 +4,7 @@
 # Batch 16 = 8 GPUs x 2 images; optimizer and schedule as in the ViM2-T config.
 _base_ = ['./mask-rcnn_vim2-t_fpn_1x_coco.py']
 
-# Placeholder: no published ViM2-B weights; see the ViM2-T config for how to pass yours.
+# Placeholder: no published ViM2-B weights; see mm_configs/_base_/vim2.py for how to pass yours.
 checkpoint_file = 'checkpoints/vim2_base/model.safetensors'
 
 model = dict(

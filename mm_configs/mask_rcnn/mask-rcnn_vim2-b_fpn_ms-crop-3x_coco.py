@@ -5,7 +5,7 @@
 # Batch 16 = 8 GPUs x 2 images; schedule and optimizer as in the ViM2-T 3x config.
 _base_ = ['./mask-rcnn_vim2-t_fpn_ms-crop-3x_coco.py']
 
-checkpoint_file = 'checkpoints/vim2_base/model.safetensors'  # placeholder, see the ViM2-T 1x config
+checkpoint_file = 'checkpoints/vim2_base/model.safetensors'  # placeholder, see mm_configs/_base_/vim2.py
 
 model = dict(
     backbone=dict(

@@ -10,27 +10,10 @@
 # mmdet::_base_/{models/mask-rcnn_r50_fpn, datasets/coco_instance, schedules/schedule_1x,
 # default_runtime}): data in data/coco/, single-scale 1333x800 training with random flip,
 # LinearLR warm-up for 1000 iterations, steps at epochs 8 and 11.
-_base_ = ['mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py', '../_base_/vim2_paramwise.py']
-
-custom_imports = dict(imports=['vim2.mm'], allow_failed_imports=False)
-
-# ImageNet-1k ViM2-T weights (no published ones): a timm-format file written by `vim2-export`
-# (tools/export_weights.py), a .pth classifier checkpoint, or an mm checkpoint; path or URL.
-# Override with --cfg-options model.backbone.init_cfg.checkpoint=/path/to/model.safetensors,
-# or train from scratch with --cfg-options model.backbone.init_cfg=None.
-checkpoint_file = 'checkpoints/vim2_tiny/model.safetensors'
+_base_ = ['mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py', '../_base_/vim2.py']
 
 model = dict(
-    backbone=dict(
-        _delete_=True,
-        type='ViM2',
-        arch='tiny',
-        out_indices=(0, 1, 2, 3),
-        drop_path_rate=0.2,  # paper silent; the ImageNet value for ViM2-T (Swin-T uses 0.2 too)
-        frozen_stages=-1,
-        norm_eval=False,
-        with_cp=False,
-        init_cfg=dict(type='Pretrained', checkpoint=checkpoint_file)),
+    backbone={{_base_.vim2_tiny_backbone}},
     neck=dict(in_channels=[96, 192, 384, 768]))
 
 # AdamW lr 1e-4, weight decay 0.05 (paper). No weight decay on norms, biases, 1-D parameters and

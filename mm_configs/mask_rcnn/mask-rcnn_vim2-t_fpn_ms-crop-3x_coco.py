@@ -8,24 +8,10 @@
 # multi-scale training (shorter side 480-800, with DETR-style random crops half of the time),
 # random flip, 1000-iteration warm-up, steps at epochs 27 and 33. That is also the schedule
 # VMamba used for its 3x numbers.
-_base_ = ['mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco.py', '../_base_/vim2_paramwise.py']
-
-custom_imports = dict(imports=['vim2.mm'], allow_failed_imports=False)
-
-# Placeholder (no published ViM2 weights): see mask-rcnn_vim2-t_fpn_1x_coco.py.
-checkpoint_file = 'checkpoints/vim2_tiny/model.safetensors'
+_base_ = ['mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco.py', '../_base_/vim2.py']
 
 model = dict(
-    backbone=dict(
-        _delete_=True,
-        type='ViM2',
-        arch='tiny',
-        out_indices=(0, 1, 2, 3),
-        drop_path_rate=0.2,  # paper silent; the ImageNet value for ViM2-T
-        frozen_stages=-1,
-        norm_eval=False,
-        with_cp=False,
-        init_cfg=dict(type='Pretrained', checkpoint=checkpoint_file)),
+    backbone={{_base_.vim2_tiny_backbone}},
     neck=dict(in_channels=[96, 192, 384, 768]))
 
 # AdamW lr 1e-4, weight decay 0.05 (paper); no decay on norms, biases, 1-D and scan parameters.

@@ -8,27 +8,10 @@
 # schedules/schedule_160k}): data in data/ade/ADEChallengeData2016, random resize 0.5-2.0 + crop
 # + flip + photometric distortion, 1500-iteration linear warm-up then poly decay, SyncBN heads.
 # Multi-scale test (the paper's second number): tools/test.py ... --tta (ratios 0.5-1.75 + flip).
-_base_ = ['mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py', '../_base_/vim2_paramwise.py']
-
-custom_imports = dict(imports=['vim2.mm'], allow_failed_imports=False)
-
-# ImageNet-1k ViM2-T weights (no published ones): a timm-format file written by `vim2-export`
-# (tools/export_weights.py), a .pth classifier checkpoint, or an mm checkpoint; path or URL.
-# Override with --cfg-options model.backbone.init_cfg.checkpoint=/path/to/model.safetensors,
-# or train from scratch with --cfg-options model.backbone.init_cfg=None.
-checkpoint_file = 'checkpoints/vim2_tiny/model.safetensors'
+_base_ = ['mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py', '../_base_/vim2.py']
 
 model = dict(
-    backbone=dict(
-        _delete_=True,
-        type='ViM2',
-        arch='tiny',
-        out_indices=(0, 1, 2, 3),
-        drop_path_rate=0.2,  # paper silent; the ImageNet value for ViM2-T
-        frozen_stages=-1,
-        norm_eval=False,
-        with_cp=False,
-        init_cfg=dict(type='Pretrained', checkpoint=checkpoint_file)),
+    backbone={{_base_.vim2_tiny_backbone}},
     decode_head=dict(in_channels=[96, 192, 384, 768], num_classes=150),
     auxiliary_head=dict(in_channels=384, num_classes=150))
 
