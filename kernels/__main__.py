@@ -35,6 +35,9 @@ def report() -> str:
         lines.append(f"\ndevice {device} ({name})")
         for backend, reason in backend_status(device).items():
             lines.append(f"  {backend:<10} {'usable' if reason is None else 'unusable: ' + reason}")
+            if backend == "cpu" and reason is None:
+                from .selective_scan import cpu_backend
+                lines.append(f"             compiled: {cpu_backend.library_info()}")
         try:
             chosen = resolve_backend(None, device, torch.float32)
             lines.append(f"  -> float32 inputs here use the '{chosen}' backend "

@@ -1,9 +1,12 @@
 """Backend selection for the selective scan.
 
-Three backends implement the same contract (see ``interface.py``):
+Four backends implement the same contract (see ``interface.py``):
 
 * ``triton``    — Triton kernels, the default on CUDA (also runs on CPU under ``TRITON_INTERPRET=1``).
-* ``torch``     — chunked pure-PyTorch scan, the default on CPU and the fallback everywhere.
+* ``cpu``       — C kernels compiled on first use by the machine's C compiler, the default on CPU for
+  float32/float16/bfloat16 (see ``cpu_backend.py``).
+* ``torch``     — chunked pure-PyTorch scan: the CPU fallback (no compiler), float64, and the fallback
+  everywhere.
 * ``reference`` — a plain loop, any dtype including float64: the test oracle.
 
 The choice is, in order of precedence: the ``backend=`` argument of a call, the ``VIM2_SCAN_BACKEND``
@@ -23,9 +26,9 @@ from typing import Dict, Optional
 import torch
 
 BACKEND_ENV_VAR = "VIM2_SCAN_BACKEND"
-BACKEND_NAMES = ("torch", "triton", "reference")
+BACKEND_NAMES = ("cpu", "torch", "triton", "reference")
 _CHOICES = ("auto",) + BACKEND_NAMES
-_MODULES = {"torch": "torch_backend", "triton": "triton_backend", "reference": "reference"}
+_MODULES = {"cpu": "cpu_backend", "torch": "torch_backend", "triton": "triton_backend", "reference": "reference"}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -95,7 +98,12 @@ def _resolve(name: str, source: str, device_type: str, dtype: torch.dtype) -> st
                 f"{device_type} {dtype} inputs: {reason}. Use backend='auto' to pick one that can."
             )
         return name
-    expected = "triton" if device_type == "cuda" else "torch"
+    if device_type == "cuda":
+        expected = "triton"
+    elif device_type == "cpu" and dtype != torch.float64:
+        expected = "cpu"
+    else:  # float64 (oracles, gradcheck) and other devices: the pure-PyTorch scan by design
+        expected = "torch"
     reason = _device_reason(expected, device) or _dtype_reason(expected, dtype)
     if reason is None:
         return expected
@@ -119,3 +127,20 @@ def resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.d
     """The backend that will run an input on ``device`` with ``dtype`` (see the module docstring)."""
     name, source = requested_backend(backend)
     return _resolve(name, source, torch.device(device).type, dtype)
+
+
+@torch.compiler.assume_constant_result
+def check_input_limits(name: str, backend: Optional[str], d_state: int) -> str:
+    """``name``, or ``torch`` when ``name`` cannot take this state size (``MAX_D_STATE`` of the backend).
+
+    An automatic choice falls back with one warning; a backend requested by name raises the reason.
+    """
+    limit = getattr(get_backend_module(name), "MAX_D_STATE", None)
+    if limit is None or d_state <= limit:
+        return name
+    reason = f"the {name} backend supports d_state (N) <= {limit}, got N={d_state}"
+    requested, source = requested_backend(backend)
+    if requested != "auto":
+        raise BackendUnavailableError(f"selective-scan backend {name!r} was requested by {source} but {reason}")
+    _warn_once(f"vim2_kernels: {reason}; falling back to the torch backend.")
+    return "torch"

@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .dispatch import get_backend_module, resolve_backend
+from .dispatch import check_input_limits, get_backend_module, resolve_backend
 from .reference import selective_scan_reference
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -62,7 +62,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, revers
     # `saved` is float32 unless the backend says otherwise (triton keeps float64 for float64 inputs).
     saved_dtype = getattr(module, "saved_dtype", lambda dtype: torch.float32)(u.dtype)
     return (
-        u.new_empty(u.shape),
+        _like_sequence(module, u),
         u.new_empty((batch, dim, d_state), dtype=_state_dtype(u)),
         u.new_empty(module.saved_shape(batch, dim, seqlen, d_state), dtype=saved_dtype),
     )
@@ -101,8 +101,16 @@ def _shares_storage(grad: Tensor, inputs: Sequence[Optional[Tensor]], dout: Tens
 @_scan_bwd_op.register_fake
 def _(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, saved, delta_softplus,
       reverse, backend):
+    module = get_backend_module(backend)
     inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    return [t.new_empty(t.shape) if t is not None else u.new_empty((0,)) for t in inputs]
+    return [u.new_empty((0,)) if t is None else _like_sequence(module, t) if name in ("u", "delta", "z")
+            else t.new_empty(t.shape) for name, t in zip(_GRAD_NAMES, inputs)]
+
+
+def _like_sequence(module, t: Tensor) -> Tensor:
+    """Fake output for a sequence tensor: in t's layout where the backend keeps layouts (cpu), else
+    contiguous; the fake strides must equal the real ones for compiled graphs to be correct."""
+    return torch.empty_like(t) if getattr(module, "PRESERVES_LAYOUT", False) else t.new_empty(t.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -209,7 +217,7 @@ def run_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
              n_seq_dims: int = 1):
     """Validates, resolves the backend and runs the forward custom op. Returns (out, last_state)."""
     B, C = validate_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, n_seq_dims)
-    name = resolve_backend(backend, u.device, u.dtype)
+    name = check_input_limits(resolve_backend(backend, u.device, u.dtype), backend, A.shape[1])
     if name == "reference":
         return selective_scan_reference(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse, return_last_state=True
@@ -259,7 +267,7 @@ def selective_scan_fn(
         initial_state: optional (batch, dim, N) float32 starting state (differentiable). Extension.
         reverse: scan right-to-left (t = L-1 .. 0) without flipping any tensor; outputs stay at their
             positions and the last state is the one after t = 0. Extension.
-        backend: None/'auto', 'torch', 'triton' or 'reference' (see ``vim2_kernels.dispatch``).
+        backend: None/'auto', 'cpu', 'torch', 'triton' or 'reference' (see ``vim2_kernels.dispatch``).
 
     Returns:
         out (batch, dim, L) in u.dtype, or ``(out, last_state)`` with last_state (batch, dim, N) float32.

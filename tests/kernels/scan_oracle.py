@@ -44,7 +44,9 @@ def assert_matches_reference(cfg, inputs, x, out, last, grads, dout, dlast, tole
     dtype = cfg["dtype"]
     tol = tolerance[dtype]
     param = torch.float64 if dtype == torch.float64 else torch.float32
-    assert out.dtype == dtype and out.is_contiguous() and out.shape == x["u"].shape
+    assert out.dtype == dtype and out.shape == x["u"].shape
+    # dense output: contiguous, or (cpu backend) laid out like u so that its stores stay contiguous
+    assert out.is_contiguous() or out.stride() == x["u"].stride(), f"out strides {out.stride()}"
     assert last.dtype == param and last.shape == (cfg["batch"], cfg["dim"], cfg["N"])
     assert_close_within("out", out, ref_out, tol)
     assert_close_within("last_state", last, ref_last, tol)

@@ -37,8 +37,19 @@ def make_inputs(batch=2, dim=4, seqlen=9, d_state=3, groups=None, dtype=torch.fl
     )
 
 
-def leaves(tensors):
-    return {k: v.clone().requires_grad_(True) for k, v in tensors.items()}
+def leaves(tensors, dtype=None):
+    return {k: v.to(dtype or v.dtype).clone().requires_grad_(True) for k, v in tensors.items()}
+
+
+# the cpu backend computes in float32 (it has no float64 kernels): its results are compared in float32
+WORKING_DTYPE = {"cpu": torch.float32}
+
+
+def assert_close_to_oracle(got, expected, backend, msg=None):
+    if got.dtype == expected.dtype:
+        torch.testing.assert_close(got, expected, msg=msg)
+    else:
+        torch.testing.assert_close(got.to(expected.dtype), expected, rtol=1e-4, atol=1e-4, msg=msg)
 
 
 # --------------------------------------------------------------------------------------------- semantics
@@ -153,8 +164,10 @@ def fresh_dispatch(monkeypatch):
     dispatch._warned.clear()
 
 
-def test_auto_uses_torch_backend_on_cpu(fresh_dispatch):
-    assert dispatch.resolve_backend(None, torch.device("cpu"), torch.float32) == "torch"
+def test_auto_uses_compiled_cpu_backend_on_cpu(fresh_dispatch):
+    expected = "cpu" if dispatch.backend_status(torch.device("cpu"))["cpu"] is None else "torch"
+    assert dispatch.resolve_backend(None, torch.device("cpu"), torch.float32) == expected
+    assert dispatch.resolve_backend(None, torch.device("cpu"), torch.float64) == "torch"
 
 
 def test_env_variable_overrides_auto(fresh_dispatch):
@@ -270,25 +283,25 @@ def cross_scan_inputs(batch=2, height=3, width=5, dim=4, d_state=3, n_routes=4, 
     )
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
 @pytest.mark.parametrize("routes", [vim2_kernels.ROUTES, ("row", "col_rev")])
 def test_cross_scan_matches_explicit_permutations(backend, routes):
     x = cross_scan_inputs(n_routes=len(routes))
-    ref_in, test_in = leaves(x), leaves(x)
+    ref_in, test_in = leaves(x), leaves(x, WORKING_DTYPE.get(backend))
     expected = explicit_cross_scan(**ref_in, routes=routes)
     got = cross_scan_2d(**test_in, routes=routes, backend=backend)
     assert got.shape == x["u"].shape
-    torch.testing.assert_close(got, expected)
+    assert_close_to_oracle(got, expected, backend)
     grad = torch.randn_like(expected)
     expected.backward(grad)
-    got.backward(grad)
+    got.backward(grad.to(got.dtype))
     for name in x:
-        torch.testing.assert_close(test_in[name].grad, ref_in[name].grad, msg=f"grad of {name}")
+        assert_close_to_oracle(test_in[name].grad, ref_in[name].grad, backend, msg=f"grad of {name}")
 
 
 # ------------------------------------------------------------------------------------- bidirectional
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
 def test_bidirectional_matches_two_explicit_scans(backend):
     g = torch.Generator().manual_seed(2)
     batch, dim, seqlen, d_state = 6, 1, 12, 4  # the channel-mixer shape: many rows, dim 1
@@ -302,7 +315,7 @@ def test_bidirectional_matches_two_explicit_scans(backend):
         delta_bias=torch.randn(2, dim, generator=g, dtype=torch.float64),
     )
     z = torch.randn(batch, dim, seqlen, generator=g, dtype=torch.float64)
-    ref_in, test_in = leaves(x), leaves(x)
+    ref_in, test_in = leaves(x), leaves(x, WORKING_DTYPE.get(backend))
     fwd = selective_scan_reference(*(ref_in[k][0] for k in ("u", "delta", "A", "B", "C", "D")),
                                    delta_bias=ref_in["delta_bias"][0], delta_softplus=True)
     flip = lambda t: t.flip(-1)  # noqa: E731 - the reverse direction written as a flip, independently
@@ -310,12 +323,12 @@ def test_bidirectional_matches_two_explicit_scans(backend):
                                         flip(ref_in["B"][1]), flip(ref_in["C"][1]), ref_in["D"][1],
                                         delta_bias=ref_in["delta_bias"][1], delta_softplus=True))
     expected = (fwd + bwd) * F.silu(z)
-    got = bidirectional_scan(**test_in, z=z, delta_softplus=True, backend=backend)
-    torch.testing.assert_close(got, expected)
+    got = bidirectional_scan(**test_in, z=z.to(test_in["u"].dtype), delta_softplus=True, backend=backend)
+    assert_close_to_oracle(got, expected, backend)
     expected.sum().backward()
     got.sum().backward()
     for name in x:
-        torch.testing.assert_close(test_in[name].grad, ref_in[name].grad, msg=f"grad of {name}")
+        assert_close_to_oracle(test_in[name].grad, ref_in[name].grad, backend, msg=f"grad of {name}")
 
 
 # ------------------------------------------------------------------------------------- torch.compile
@@ -361,12 +374,17 @@ def test_public_ops_compile_fullgraph_on_cpu():
 # ------------------------------------------------------------------------------ custom-op registration
 
 def usable_fast_backends():
+    """(backend, dtype) pairs that can run here: float32 everywhere, float64 where supported."""
     status = vim2_kernels.backend_status(torch.device("cpu"))
-    return [name for name in ("torch", "triton") if status[name] is None]
+    pairs = []
+    for name in ("cpu", "torch", "triton"):
+        if status[name] is None:
+            supported = getattr(dispatch.get_backend_module(name), "SUPPORTED_DTYPES", None)
+            pairs += [(name, d) for d in (torch.float32, torch.float64) if supported is None or d in supported]
+    return pairs
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("backend", usable_fast_backends())
+@pytest.mark.parametrize("backend,dtype", usable_fast_backends())
 def test_custom_ops_pass_opcheck(backend, dtype):
     """torch.library.opcheck: fake kernels match real outputs (shapes, dtypes, strides), autograd is
     registered correctly and the ops survive make_fx/AOT tracing."""

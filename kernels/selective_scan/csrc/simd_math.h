@@ -1,0 +1,60 @@
+/* Vectorisable float32 math shared by the CPU kernels (see selective_scan_cpu.c for why these exist:
+ * libm calls do not vectorise without -ffast-math, which may set flush-to-zero process-wide). */
+#ifndef VIM2_SIMD_MATH_H
+#define VIM2_SIMD_MATH_H
+#include <stdint.h>
+#include <string.h>
+
+#define LANES 16  /* rows processed together: one AVX-512 register of float32 (also the literal in step_sizes) */
+
+static inline float exp_vec(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  float kf = x * 1.44269504088896341f;
+  /* round to nearest without roundf (which needs -ffast-math to vectorise) */
+  int32_t k = (int32_t)(kf + (kf >= 0.0f ? 0.5f : -0.5f));
+  float fk = (float)k;
+  float r = x - fk * 0.693145751953125f - fk * 1.428606765330187e-06f;
+  float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120
+            + r * (1.0f / 720 + r * (1.0f / 5040)))))));
+  int32_t bits = (k + 127) << 23;
+  float scale;
+  memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+/* log(w) for w >= 1 (finite): exponent from the bits, atanh series of the mantissa in [0.707, 1.414). */
+static inline float log_vec(float w) {
+  int32_t bits;
+  memcpy(&bits, &w, sizeof bits);
+  int32_t e = ((bits >> 23) & 0xff) - 127;
+  int32_t mbits = (bits & 0x007fffff) | 0x3f800000;
+  float m;
+  memcpy(&m, &mbits, sizeof m);
+  int big = m > 1.41421356f;
+  m = big ? m * 0.5f : m;
+  e = big ? e + 1 : e;
+  float s = (m - 1.0f) / (m + 1.0f);
+  float s2 = s * s;
+  float lm = 2.0f * s * (1.0f + s2 * (1.0f / 3 + s2 * (1.0f / 5 + s2 * (1.0f / 7 + s2 * (1.0f / 9)))));
+  return lm + (float)e * 0.693147180559945309f;
+}
+
+/* softplus(v) = log(1 + exp(v)); v itself above 20 (as mamba). */
+static inline float softplus_vec(float v) {
+  float e = exp_vec(v < 20.0f ? v : 20.0f);
+  float small = e * (1.0f - e * (0.5f - e * (1.0f / 3)));  /* log1p(e) for e < 1e-3 */
+  float sp = e < 1e-3f ? small : log_vec(1.0f + e);
+  return v > 20.0f ? v : sp;
+}
+
+static inline float sigmoid_vec(float v) { return 1.0f / (1.0f + exp_vec(-v)); }
+
+/* dt[j] = softplus(v[j]) or v[j]; the branch is outside the lane loop so that the loop vectorises. */
+static inline void step_sizes(int softplus, const float *v, float *dt) {
+  if (softplus)
+    for (int j = 0; j < 16; j++) dt[j] = softplus_vec(v[j]);
+  else
+    for (int j = 0; j < 16; j++) dt[j] = v[j];
+}
+
+#endif
