@@ -5,7 +5,7 @@ FLOPs are counted for one image with ``torch.utils.flop_counter.FlopCounterMode`
 2 FLOPs; matmuls, linear layers and convolutions are counted, element-wise ops are not, as in
 fvcore/timm tables). The selective scans run inside ``vim2_kernels`` custom ops that a dispatch-mode
 counter cannot see into, so while counting, ``vim2_kernels.cross_scan_2d`` and
-``vim2_kernels.bidirectional_scan`` are replaced by stubs that return zeros of the right shape and add
+``vim2_kernels.channel_mixer_scan`` are replaced by stubs that return zeros of the right shape and add
 an analytic count (see ``scan_flops``). Everything runs on the 'meta' device: no weights are
 allocated and nothing is computed, so the whole table takes seconds.
 
@@ -58,28 +58,29 @@ class ScanCounter:
         self.flops += (num_routes - 1) * batch * height * width * dim  # summing the routes
         return torch.zeros_like(u)
 
-    def bidirectional_scan(self, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *,
-                           backend=None):
-        _, batch, dim, length = u.shape
-        d_state = A.shape[-1]
-        self.flops += 2 * scan_flops(batch, dim, length, d_state)
-        self.flops += batch * dim * length * 4  # sum of directions, SiLU(z) (~2), gating
-        # The channel mixer's Δ/B/C "projections" of each scalar u_c (u·w + b, per direction) are
-        # element-wise in PyTorch, so the counter misses them; they play the role of x_proj.
-        self.flops += 2 * batch * dim * length * 2 * (2 * d_state + 1)
-        return torch.zeros(u.shape[1:], dtype=u.dtype, device=u.device)
+    def channel_mixer_scan(self, v, z, conv_weight, conv_bias, delta_weight, delta_bias, B_weight, B_bias,
+                           C_weight, C_bias, A, D, *, backend=None):
+        tokens, length = v.shape
+        d_state, width = A.shape[-1], conv_weight.shape[-1]
+        self.flops += 2 * scan_flops(tokens, 1, length, d_state)
+        self.flops += tokens * length * 4  # sum of directions, SiLU(z) (~2), gating
+        # Inside the fused op, per direction: the channel conv (K multiply-adds per position) and the
+        # Δ/B/C "projections" of each scalar u_c (u·w + b: they play the role of x_proj).
+        self.flops += 2 * tokens * length * 2 * width
+        self.flops += 2 * tokens * length * 2 * (2 * d_state + 1)
+        return torch.zeros_like(v)
 
 
 @contextlib.contextmanager
 def counting_scans() -> Iterator[ScanCounter]:
     counter = ScanCounter()
-    saved = vim2_kernels.cross_scan_2d, vim2_kernels.bidirectional_scan
+    saved = vim2_kernels.cross_scan_2d, vim2_kernels.channel_mixer_scan
     vim2_kernels.cross_scan_2d = counter.cross_scan_2d
-    vim2_kernels.bidirectional_scan = counter.bidirectional_scan
+    vim2_kernels.channel_mixer_scan = counter.channel_mixer_scan
     try:
         yield counter
     finally:
-        vim2_kernels.cross_scan_2d, vim2_kernels.bidirectional_scan = saved
+        vim2_kernels.cross_scan_2d, vim2_kernels.channel_mixer_scan = saved
 
 
 def count_model(name: str, size: int = 224, **kwargs) -> Dict[str, float]:

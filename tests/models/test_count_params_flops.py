@@ -20,7 +20,7 @@ def tool():
 
 
 def test_scan_stubs_count_every_scan_and_restore_the_kernels(tool):
-    real = vim2_kernels.cross_scan_2d, vim2_kernels.bidirectional_scan
+    real = vim2_kernels.cross_scan_2d, vim2_kernels.channel_mixer_scan
     token = SelectiveTokenMixer(8, d_state=4, routes=('row', 'col'))
     channel = SelectiveChannelMixer(8, 12, d_state=3)
     x = torch.randn(2, 5, 3, 8)
@@ -28,11 +28,12 @@ def test_scan_stubs_count_every_scan_and_restore_the_kernels(tool):
         assert token(x).shape == x.shape
         token_flops = scans.flops
         assert channel(x).shape == x.shape
-    assert (vim2_kernels.cross_scan_2d, vim2_kernels.bidirectional_scan) == real
+    assert (vim2_kernels.cross_scan_2d, vim2_kernels.channel_mixer_scan) == real
     # token mixer: 2 routes over d_inner=16 channels, L = 15 tokens per image, N = 4
     assert token_flops == 2 * tool.scan_flops(2, 16, 15, 4) + 2 * 15 * 16
     tokens = 2 * 15
-    expected_channel = 2 * tool.scan_flops(tokens, 1, 12, 3) + tokens * 12 * 4 + 2 * tokens * 12 * 2 * 7
+    conv = 2 * tokens * 12 * 2 * 4  # d_conv = 4 taps per direction
+    expected_channel = 2 * tool.scan_flops(tokens, 1, 12, 3) + tokens * 12 * 4 + conv + 2 * tokens * 12 * 2 * 7
     assert scans.flops - token_flops == expected_channel
 
 

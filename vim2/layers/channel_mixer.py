@@ -13,16 +13,18 @@ For a token with channels x (C,), with E = the expanded channel width::
     y     = (S6_f(u_f) + S6_r(u_r, scanned c = E-1..0)) * SiLU(gate_proj(x))
     out   = out_proj(y)                      # E -> C
 
-The S6 runs through ``vim2_kernels.bidirectional_scan`` with batch = B*H*W tokens, dim = 1, L = E.
-The reverse direction is exactly "flip the sequence, apply a causal conv and a forward S6 with the
-reverse parameters, flip back" (tested), without materialising any flipped tensor.
+Everything between the two projections (both convs, Δ/B/C, both scans, the gate) is one call of
+``vim2_kernels.channel_mixer_scan``: on CPU a fused kernel that never materialises the per-token B/C
+(``(T, N, E)`` per direction) or the conv outputs; elsewhere the same computation through
+``vim2_kernels.bidirectional_scan`` with batch = B*H*W tokens, dim = 1, L = E. The reverse direction is
+exactly "flip the sequence, apply a causal conv and a forward S6 with the reverse parameters, flip
+back" (tested), without materialising any flipped tensor.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import vim2_kernels
@@ -116,47 +118,18 @@ class SelectiveChannelMixer(nn.Module):
         self.A_log.copy_(init_a_log((NUM_DIRECTIONS,), self.d_state, device=self.A_log.device))
         self.D.fill_(1.0)
 
-    def channel_conv(self, u: torch.Tensor) -> torch.Tensor:
-        """Per-direction 1-D conv along the channel axis.
-
-        u: (T, E) tokens -> (2, T, E): [0] causal (left-to-right), [1] causal in the reverse direction.
-        """
-        k = self.d_conv
-        length = u.shape[-1]
-        # One conv1d with k-1 zeros on both sides gives both directions: output j of the forward kernel
-        # covers positions j-k+1..j; output c+k-1 of the flipped reverse kernel covers c..c+k-1.
-        weight = torch.stack([self.conv_weight[0], self.conv_weight[1].flip(-1)]).unsqueeze(1)
-        out = F.conv1d(u.unsqueeze(1), weight, self.conv_bias, padding=k - 1)  # (T, 2, E + k - 1)
-        return torch.stack([out[:, 0, :length], out[:, 1, k - 1:]])
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, C) -> (B, H, W, C)."""
         batch, height, width, _ = x.shape
-        hidden = self.hidden_dim
         num_tokens = batch * height * width
-        u = self.in_proj(x).reshape(num_tokens, hidden)
-        z = self.gate_proj(x).reshape(num_tokens, 1, hidden)
-        u = F.silu(self.channel_conv(u))  # (2, T, E)
-        dtype = u.dtype
-
-        # Δ/B/C of every channel position from its own scalar value (+ per-position offsets).
-        delta = u * self.delta_weight.to(dtype).view(2, 1, 1) + self.delta_bias.to(dtype).unsqueeze(1)
-        u_col = u.unsqueeze(2)  # (2, T, 1, E)
-        Bs = u_col * self.B_weight.to(dtype).view(2, 1, -1, 1) + self.B_bias.to(dtype).unsqueeze(1)
-        Cs = u_col * self.C_weight.to(dtype).view(2, 1, -1, 1) + self.C_bias.to(dtype).unsqueeze(1)
-
-        y = vim2_kernels.bidirectional_scan(
-            u_col,
-            delta.unsqueeze(2),
-            -torch.exp(self.A_log.float()).unsqueeze(1),  # (2, dim=1, N)
-            Bs,  # (2, T, N, E)
-            Cs,
-            D=self.D.float().unsqueeze(1),  # (2, 1)
-            z=z.to(dtype),
-            delta_softplus=True,
-            backend=self.scan_backend,
+        v = self.in_proj(x).reshape(num_tokens, self.hidden_dim)
+        z = self.gate_proj(x).reshape(num_tokens, self.hidden_dim)
+        y = vim2_kernels.channel_mixer_scan(
+            v, z.to(v.dtype), self.conv_weight, self.conv_bias, self.delta_weight, self.delta_bias,
+            self.B_weight, self.B_bias, self.C_weight, self.C_bias,
+            -torch.exp(self.A_log.float()), self.D.float(), backend=self.scan_backend,
         )
-        return self.out_proj(y.reshape(batch, height, width, hidden))
+        return self.out_proj(y.reshape(batch, height, width, self.hidden_dim))
 
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, hidden_dim={self.hidden_dim}, d_state={self.d_state}, d_conv={self.d_conv}, '
