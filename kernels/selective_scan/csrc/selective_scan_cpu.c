@@ -141,6 +141,21 @@ static inline void load_bc(const Geometry *g, const Tile *tl, const float *M, co
 
 static inline int64_t scan_time(const Geometry *g, int64_t s) { return g->reverse ? g->L - 1 - s : s; }
 
+/* (t1, t2) of scan step s; moving to step s + dir (dir = +1 or -1) without a division per step */
+static inline void cursor_set(const Geometry *g, int64_t s, int64_t *t1, int64_t *t2) {
+  int64_t t = scan_time(g, s);
+  *t1 = t / g->L2;
+  *t2 = t % g->L2;
+}
+
+static inline void cursor_move(const Geometry *g, int dir, int64_t *t1, int64_t *t2) {
+  if ((dir > 0) != (g->reverse != 0)) {
+    if (++*t2 == g->L2) { *t2 = 0; ++*t1; }
+  } else {
+    if (--*t2 < 0) { *t2 = g->L2 - 1; --*t1; }
+  }
+}
+
 static int thread_count(const int64_t *shape) {
   int n = (int)shape[S_THREADS];
   return n < 1 ? 1 : n;
@@ -183,14 +198,16 @@ int vim2_scan_fwd(const int64_t *shape,
         h[n][j] = init ? init[tl.row[j] * g.N + n] : 0.0f;
       }
     }
-    for (int64_t s = 0; s < g.L; s++) {
-      if (s % g.chunk == 0) {
-        int64_t c = s / g.chunk;
+    int64_t t1, t2;
+    cursor_set(&g, 0, &t1, &t2);
+    for (int64_t s = 0, c = 0, to_save = 0; s < g.L; s++, to_save--, cursor_move(&g, 1, &t1, &t2)) {
+      if (to_save == 0) {  /* the state entering chunk c */
+        to_save = g.chunk;
         for (int j = 0; j < LANES; j++)
           if (tl.valid[j])
             for (int64_t n = 0; n < g.N; n++) saved[(tl.row[j] * g.n_chunks + c) * g.N + n] = h[n][j];
+        c++;
       }
-      int64_t t = scan_time(&g, s), t1 = t / g.L2, t2 = t % g.L2;
       float x[LANES], v[LANES], dt[LANES], dtx[LANES], y[LANES];
       load_lanes(u, bu, seq_step(su, t1, t2), su[Q_D], tl.same_batch, x);
       load_lanes(delta, bd, seq_step(sdl, t1, t2), sdl[Q_D], tl.same_batch, v);
@@ -306,8 +323,9 @@ int vim2_scan_bwd(const int64_t *shape,
       /* recompute the chunk's states */
       for (int j = 0; j < LANES; j++)
         for (int64_t n = 0; n < g.N; n++) h0[n][j] = saved[(tl.row[j] * g.n_chunks + c) * g.N + n];
-      for (int64_t s = s0; s < s1; s++) {
-        int64_t t = scan_time(&g, s), t1 = t / g.L2, t2 = t % g.L2;
+      int64_t t1, t2;
+      cursor_set(&g, s0, &t1, &t2);
+      for (int64_t s = s0; s < s1; s++, cursor_move(&g, 1, &t1, &t2)) {
         float x[LANES], v[LANES], dt[LANES], dtx[LANES];
         load_lanes(u, bu, seq_step(su, t1, t2), su[Q_D], tl.same_batch, x);
         load_lanes(delta, bd, seq_step(sdl, t1, t2), sdl[Q_D], tl.same_batch, v);
@@ -325,8 +343,9 @@ int vim2_scan_bwd(const int64_t *shape,
           }
       }
       /* walk the chunk backwards */
-      for (int64_t s = s1 - 1; s >= s0; s--) {
-        int64_t t = scan_time(&g, s), t1 = t / g.L2, t2 = t % g.L2;
+      cursor_set(&g, s1 - 1, &t1, &t2);
+      for (int64_t s = s1 - 1; s >= s0; s--, cursor_move(&g, -1, &t1, &t2)) {
+        const int64_t t = t1 * g.L2 + t2;
         float x[LANES], v[LANES], dt[LANES], gy[LANES], ddt[LANES], dx[LANES];
         load_bc(&g, &tl, Bm, sB, bb, t1, t2, bv);
         load_bc(&g, &tl, Cm, sC, bc, t1, t2, cv);
