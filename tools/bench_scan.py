@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""CPU benchmark of the selective scan: vim2's torch backend against other pure-PyTorch scans.
+"""CPU benchmark of the selective scan: vim2's CPU backends against other CPU scans.
 
 Methods (each computes the full S6 of ``vim2_kernels.selective_scan_fn`` with delta_bias, softplus,
 D and the z gate, so they do the same work):
 
-* ``torch``      — ``vim2_kernels.selective_scan_fn(..., backend="torch")`` (chunked scan, this repo)
+* ``cpu``        — ``vim2_kernels.selective_scan_fn(..., backend="cpu")`` (compiled C kernels, the CPU default)
+* ``torch``      — ``vim2_kernels.selective_scan_fn(..., backend="torch")`` (pure-PyTorch chunked scan)
 * ``torch_2level`` — the same with the streamed scan turned off (two-level scheme at every shape)
 * ``reference``  — ``vim2_kernels.selective_scan_fn(..., backend="reference")`` (plain loop over time)
 * ``pscan``      — mambapy's Blelloch parallel scan (``from mambapy.pscan import pscan``), used as
@@ -13,8 +14,8 @@ D and the z gate, so they do the same work):
 
 For every shape and method it reports the median wall time of forward alone (no autograd) and of
 forward + backward, the peak memory the call allocates (torch allocations traced by the profiler),
-and every time as a ratio to the torch backend (ratio > 1: the torch backend is that many times
-faster). All in one run, on ``--threads`` CPU threads (default 1).
+and every time as a ratio to the ``--base`` method (default ``cpu``, else ``torch``; ratio > 1: the
+base is that many times faster). All in one run, on ``--threads`` CPU threads (default 1).
 
     python tools/bench_scan.py                      # the three default shapes, every method
     python tools/bench_scan.py --shapes vim --json bench.json
@@ -45,6 +46,7 @@ SHAPES = {
     "long": (1, 192, 3136, 16, "long sequence: B=1, dim=192, L=3136 (56x56 tokens), N=16"),
 }
 GOALS = "goals (vim shape): fwd+bwd >= 10x pscan and >= 40x reference; fwd >= 10x reference"
+BASE = "cpu"  # the method every ratio is taken against (set by --base)
 
 
 def make_inputs(batch: int, dim: int, seqlen: int, d_state: int, seed: int = 0) -> Dict[str, torch.Tensor]:
@@ -130,6 +132,7 @@ def _torch_two_level() -> Callable:
 
 
 METHOD_FACTORIES = {
+    "cpu": lambda: _vim2("cpu"),
     "torch": lambda: _vim2("torch"),
     "torch_2level": _torch_two_level,
     "reference": lambda: _vim2("reference"),
@@ -171,7 +174,7 @@ def _timed(fn, inputs, backward: bool, dout):
 
 def time_methods(methods: Dict[str, Callable], inputs, backward: bool, dout, args) -> Dict[str, dict]:
     """Round-robin timing: every round runs each method once, so that all methods see the same
-    machine load; ratios to the torch backend are taken within a round, then the median.
+    machine load; ratios to the base method are taken within a round, then the median.
 
     The fast methods get one untimed warm-up run; the plain loops (no lazy state) are not warmed up
     and stop repeating once they have used ``args.budget`` seconds.
@@ -188,7 +191,7 @@ def time_methods(methods: Dict[str, Callable], inputs, backward: bool, dout, arg
                 wall, cpu = _timed(fn, inputs, backward, dout)
                 spent[name] += wall
                 runs[name].append((round_, wall, cpu))
-    base = {r: (w, c) for r, w, c in runs.get("torch", [])}
+    base = {r: (w, c) for r, w, c in runs.get(BASE, [])}
     stats = {}
     for name, rows in runs.items():
         wall = [w for _, w, _ in rows]
@@ -197,8 +200,8 @@ def time_methods(methods: Dict[str, Callable], inputs, backward: bool, dout, arg
         ratio_cpu = [c / base[r][1] for r, _, c in rows if r in base]
         stats[name] = dict(
             wall_s=statistics.median(wall), cpu_s=statistics.median(cpu), runs=len(rows),
-            ratio_vs_torch=statistics.median(ratio_wall) if ratio_wall else math.nan,
-            cpu_ratio_vs_torch=statistics.median(ratio_cpu) if ratio_cpu else math.nan,
+            ratio_vs_base=statistics.median(ratio_wall) if ratio_wall else math.nan,
+            cpu_ratio_vs_base=statistics.median(ratio_cpu) if ratio_cpu else math.nan,
         )
     return stats
 
@@ -230,12 +233,12 @@ def peak_memory(fn, inputs, backward: bool, dout) -> Optional[int]:
 
 
 def check_agreement(methods, inputs) -> Dict[str, float]:
-    """Max |out - torch backend out| per method, on the benchmark inputs (sanity check)."""
+    """Max |out - base method out| per method, on the benchmark inputs (sanity check)."""
     with torch.no_grad():
-        ref = methods["torch"](**inputs) if "torch" in methods else None
+        ref = methods[BASE](**inputs) if BASE in methods else None
         errs = {}
         for name, fn in methods.items():
-            if ref is not None and name != "torch":
+            if ref is not None and name != BASE:
                 with getattr(fn, "context", contextlib.nullcontext)():
                     errs[name] = float((fn(**inputs) - ref).abs().max())
     return errs
@@ -249,7 +252,7 @@ def run_shape(shape_name: str, methods: Dict[str, Callable], args) -> dict:
     result = {"shape": dict(batch=batch, dim=dim, L=seqlen, N=d_state), "description": desc, "modes": {}}
     if args.check:
         for name, err in check_agreement(methods, inputs).items():
-            print(f"   max |out - torch| for {name}: {err:.2e}")
+            print(f"   max |out - {BASE}| for {name}: {err:.2e}")
     for mode, backward in (("fwd", False), ("fwd_bwd", True)):
         stats = time_methods(methods, inputs, backward, dout, args)
         if args.memory:
@@ -259,8 +262,8 @@ def run_shape(shape_name: str, methods: Dict[str, Callable], args) -> dict:
                     stats[name]["peak_bytes"] = peak_memory(fn, inputs, backward, dout)
         result["modes"][mode] = stats
         for name, st in stats.items():
-            print(f"   {mode:<8}{name:<10} {st['wall_s'] * 1e3:9.1f} ms wall  {st['cpu_s'] * 1e3:9.1f} ms cpu  "
-                  f"x{st['ratio_vs_torch']:.1f} ({st['runs']} runs)", flush=True)
+            print(f"   {mode:<8}{name:<13} {st['wall_s'] * 1e3:9.1f} ms wall  {st['cpu_s'] * 1e3:9.1f} ms cpu  "
+                  f"x{st['ratio_vs_base']:.1f} ({st['runs']} runs)", flush=True)
     return result
 
 
@@ -269,16 +272,16 @@ def _mib(n: Optional[int]) -> str:
 
 
 def print_table(results: List[dict]) -> None:
-    print("\nratio = method time / torch-backend time, median over rounds that ran every method back to back"
+    print(f"\nratio = method time / {BASE} time, median over rounds that ran every method back to back"
           "\n(wall clock; cpu = process CPU time, less sensitive to other load on the machine)")
-    header = (f"{'shape':<14}{'mode':<9}{'method':<11}{'ms':>9}{'ratio':>8}{'cpu ratio':>10}{'peak MiB':>10}")
+    header = (f"{'shape':<14}{'mode':<9}{'method':<13}{'ms':>9}{'ratio':>8}{'cpu ratio':>10}{'peak MiB':>10}")
     print(header)
     print("-" * len(header))
     for res in results:
         for mode, stats in res["modes"].items():
             for name, st in stats.items():
-                print(f"{res['name']:<14}{mode:<9}{name:<11}{st['wall_s'] * 1e3:>9.1f}{st['ratio_vs_torch']:>8.1f}"
-                      f"{st['cpu_ratio_vs_torch']:>10.1f}{_mib(st.get('peak_bytes')):>10}")
+                print(f"{res['name']:<14}{mode:<9}{name:<13}{st['wall_s'] * 1e3:>9.1f}{st['ratio_vs_base']:>8.1f}"
+                      f"{st['cpu_ratio_vs_base']:>10.1f}{_mib(st.get('peak_bytes')):>10}")
     print(GOALS)
 
 
@@ -296,10 +299,18 @@ def main(argv=None) -> int:
                         help="profile peak memory only for calls faster than this (seconds)")
     parser.add_argument("--no-check", dest="check", action="store_false", help="skip the output agreement check")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--base", default=None, help="method the ratios are taken against (default: cpu if it "
+                        "loads, else torch)")
     args = parser.parse_args(argv)
 
+    global BASE
     torch.set_num_threads(args.threads)
     methods = load_methods(args.methods)
+    from vim2_kernels import backend_status
+    if "cpu" in methods and backend_status(torch.device("cpu"))["cpu"] is not None:
+        print(f"[skip] cpu: {backend_status(torch.device('cpu'))['cpu']}")
+        del methods["cpu"]
+    BASE = args.base or ("cpu" if "cpu" in methods else "torch")
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"threads={torch.get_num_threads()}, methods: {', '.join(methods)}")
     results = []
@@ -309,7 +320,7 @@ def main(argv=None) -> int:
         results.append(res)
     print_table(results)
     if args.json:
-        payload = dict(torch=torch.__version__, python=sys.version.split()[0], threads=args.threads,
+        payload = dict(torch=torch.__version__, python=sys.version.split()[0], threads=args.threads, base=BASE,
                        machine=platform.machine(), results=results, goals=GOALS)
         with open(args.json, "w") as fh:
             json.dump(payload, fh, indent=2)

@@ -139,6 +139,13 @@ static inline void load_bc(const Geometry *g, const Tile *tl, const float *M, co
   }
 }
 
+#define PREFETCH_AHEAD 8
+#if defined(__GNUC__) || defined(__clang__)
+#define PREFETCH(p) __builtin_prefetch(p)
+#else
+#define PREFETCH(p) ((void)0)
+#endif
+
 static inline int64_t scan_time(const Geometry *g, int64_t s) { return g->reverse ? g->L - 1 - s : s; }
 
 /* (t1, t2) of scan step s; moving to step s + dir (dir = +1 or -1) without a division per step */
@@ -198,9 +205,19 @@ int vim2_scan_fwd(const int64_t *shape,
         h[n][j] = init ? init[tl.row[j] * g.N + n] : 0.0f;
       }
     }
-    int64_t t1, t2;
+    int64_t t1, t2, p1, p2;  /* this step, and the step PREFETCH_AHEAD later */
     cursor_set(&g, 0, &t1, &t2);
+    cursor_set(&g, PREFETCH_AHEAD < g.L ? PREFETCH_AHEAD : g.L - 1, &p1, &p2);
     for (int64_t s = 0, c = 0, to_save = 0; s < g.L; s++, to_save--, cursor_move(&g, 1, &t1, &t2)) {
+      if (s + PREFETCH_AHEAD < g.L) {
+        /* routes over 2-D maps jump by a whole row or column per step: too far for the hardware prefetcher */
+        PREFETCH(u + bu[0] + seq_step(su, p1, p2));
+        PREFETCH(delta + bd[0] + seq_step(sdl, p1, p2));
+        PREFETCH(Bm + bb[0] + p1 * sB[P_1] + p2 * sB[P_2]);
+        PREFETCH(Cm + bc[0] + p1 * sC[P_1] + p2 * sC[P_2]);
+        if (z) PREFETCH(z + bz[0] + seq_step(sz, p1, p2));
+        cursor_move(&g, 1, &p1, &p2);
+      }
       if (to_save == 0) {  /* the state entering chunk c */
         to_save = g.chunk;
         for (int j = 0; j < LANES; j++)
@@ -323,9 +340,19 @@ int vim2_scan_bwd(const int64_t *shape,
       /* recompute the chunk's states */
       for (int j = 0; j < LANES; j++)
         for (int64_t n = 0; n < g.N; n++) h0[n][j] = saved[(tl.row[j] * g.n_chunks + c) * g.N + n];
-      int64_t t1, t2;
+      int64_t t1, t2, p1, p2;
       cursor_set(&g, s0, &t1, &t2);
+      cursor_set(&g, s0 + PREFETCH_AHEAD < s1 ? s0 + PREFETCH_AHEAD : s1 - 1, &p1, &p2);
       for (int64_t s = s0; s < s1; s++, cursor_move(&g, 1, &t1, &t2)) {
+        if (s + PREFETCH_AHEAD < s1) {  /* the reverse walk below then finds the chunk in cache */
+          PREFETCH(u + bu[0] + seq_step(su, p1, p2));
+          PREFETCH(delta + bd[0] + seq_step(sdl, p1, p2));
+          PREFETCH(dout + bdo[0] + seq_step(sdo, p1, p2));
+          PREFETCH(Bm + bb[0] + p1 * sB[P_1] + p2 * sB[P_2]);
+          PREFETCH(Cm + bc[0] + p1 * sC[P_1] + p2 * sC[P_2]);
+          if (z) PREFETCH(z + bz[0] + seq_step(sz, p1, p2));
+          cursor_move(&g, 1, &p1, &p2);
+        }
         float x[LANES], v[LANES], dt[LANES], dtx[LANES];
         load_lanes(u, bu, seq_step(su, t1, t2), su[Q_D], tl.same_batch, x);
         load_lanes(delta, bd, seq_step(sdl, t1, t2), sdl[Q_D], tl.same_batch, v);
