@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -36,6 +37,8 @@ from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+_log = logging.getLogger(__name__)
 
 NAME = "cpu"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -155,6 +158,7 @@ def _library_suffix() -> str:
 
 
 def _compile(compiler: str, flags: List[str], target: Path) -> Optional[str]:
+    _log.info("vim2_kernels: compiling the CPU kernels into %s (once per machine, ~10 s)", target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         # Build under a temporary name and rename: concurrent processes never load a partial file.

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import vim2_kernels
 from vim2_kernels import selective_scan_fn
 from vim2.layers import SelectiveChannelMixer, SelectiveTokenMixer, WeightedInputAverage
 from vim2.models import ViM2
@@ -158,10 +159,17 @@ def channel_mixer_reference(mixer: SelectiveChannelMixer, x: torch.Tensor) -> to
     return F.linear(y.reshape(batch, height, width, E), mixer.out_proj.weight)
 
 
-@pytest.mark.parametrize('hidden_dim,d_conv', [(10, 4), (5, 1), (7, 3)])
-def test_channel_mixer_matches_explicit_flips(hidden_dim, d_conv):
+def _usable(backend):
+    reason = vim2_kernels.backend_status(torch.device('cpu'))[backend]
+    return pytest.param(backend, marks=pytest.mark.skipif(reason is not None, reason=str(reason)))
+
+
+# 'cpu': the fused channel-mixer kernel; 'torch': the unfused composition through bidirectional_scan
+@pytest.mark.parametrize('backend', [_usable('cpu'), 'torch'])
+@pytest.mark.parametrize('hidden_dim,d_conv', [(10, 4), (5, 1), (7, 3), (40, 4)])
+def test_channel_mixer_matches_explicit_flips(hidden_dim, d_conv, backend):
     torch.manual_seed(2)
-    mixer = SelectiveChannelMixer(6, hidden_dim, d_state=3, d_conv=d_conv)
+    mixer = SelectiveChannelMixer(6, hidden_dim, d_state=3, d_conv=d_conv, scan_backend=backend)
     _randomize_(mixer, seed=4)
     x = torch.randn(2, 3, 2, 6, requires_grad=True)
     ours = mixer(x)
