@@ -301,7 +301,7 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initia
     ddelta = torch.empty_like(delta32)
     dz = None if z is None else torch.empty_like(z32)
     dA_rows = torch.zeros((batch, dim, d_state), dtype=torch.float32)
-    bc_shape = (batch, groups, d_state, seqlen)
+    bc_shape = (batch, groups, seqlen, d_state)  # the kernel's layout; transposed to B's below
     dB_parts = torch.zeros((threads, *bc_shape), dtype=torch.float32)
     dC_parts = torch.zeros((threads, *bc_shape), dtype=torch.float32)
     dD_rows = None if D is None else torch.zeros((batch, dim), dtype=torch.float32)
@@ -324,7 +324,7 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initia
 
     def bc_grad(parts: Tensor, like: Tensor) -> Tensor:
         total = parts[0] if threads == 1 else parts.sum(0)
-        return total.view(like.shape).to(like.dtype)
+        return total.transpose(-1, -2).reshape(like.shape).to(like.dtype)
 
     return (
         du.to(u.dtype), ddelta.to(delta.dtype), dA_rows.sum(0).to(A.dtype),

@@ -172,12 +172,6 @@ int vim2_channel_mixer_fwd(const int64_t *shape, const float *v, int64_t sv_t, i
   return failed ? 2 : 0;
 }
 
-static float lane_sum(const float *x) {
-  float s = 0.0f;
-  for (int j = 0; j < LANES; j++) s += x[j];
-  return s;
-}
-
 /* Gradient partials: every g_* pointer is (threads, 2, ...) like its parameter; dv, dz are (T, E). */
 int vim2_channel_mixer_bwd(const int64_t *shape, const float *v, int64_t sv_t, int64_t sv_e,
                            const float *z, int64_t sz_t, int64_t sz_e, const float *dout, int64_t sd_t, int64_t sd_e,

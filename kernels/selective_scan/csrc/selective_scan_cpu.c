@@ -276,7 +276,8 @@ int vim2_scan_fwd(const int64_t *shape,
 /* --------------------------------------------------------------------------------------------- */
 
 /* Gradients. Per-row outputs (contiguous): dA_rows (rows, N), dD_rows (rows), dbias_rows (rows),
- * dinit (rows, N). dB/dC: per-thread partials (threads, batch, groups, N, L) in natural order t,
+ * dinit (rows, N). dB/dC: per-thread partials (threads, batch, groups, L, N) in natural order t (N
+ * innermost: one step's N values share a cache line),
  * summed by the caller. du/ddelta/dz are addressed through strides like the inputs. */
 int vim2_scan_bwd(const int64_t *shape,
                   const float *u, const int64_t *su, const float *delta, const int64_t *sdl,
@@ -311,7 +312,7 @@ int vim2_scan_bwd(const int64_t *shape,
     float (*decays)[MAX_STATE][LANES] = hs + g.chunk;
     float h0[MAX_STATE][LANES], a[MAX_STATE][LANES], G[MAX_STATE][LANES], dAacc[MAX_STATE][LANES];
     float bv[MAX_STATE][LANES], cv[MAX_STATE][LANES];
-    float dskip[LANES], dbias[LANES], dDacc[LANES], dbacc[LANES];
+    float dskip[LANES], dbias[LANES], dDacc[LANES], dbacc[LANES], vmask[LANES];
     int64_t bu[LANES], bd[LANES], bz[LANES], bdo[LANES], bdu[LANES], bdd[LANES], bdz[LANES], bb[LANES], bc[LANES];
     int64_t bcg[LANES];  /* offset of the lane's (batch, group) in the dB/dC partials */
     for (int j = 0; j < LANES; j++) {
@@ -329,6 +330,7 @@ int vim2_scan_bwd(const int64_t *shape,
       dbias[j] = bias ? bias[tl.d[j]] : 0.0f;
       dDacc[j] = 0.0f;
       dbacc[j] = 0.0f;
+      vmask[j] = tl.valid[j] ? 1.0f : 0.0f;
       for (int64_t n = 0; n < g.N; n++) {
         a[n][j] = A[tl.d[j] * g.N + n];
         G[n][j] = dlast ? dlast[tl.row[j] * g.N + n] : 0.0f;
@@ -359,23 +361,35 @@ int vim2_scan_bwd(const int64_t *shape,
         for (int j = 0; j < LANES; j++) v[j] += dbias[j];
         step_sizes(g.softplus, v, dt);
         for (int j = 0; j < LANES; j++) dtx[j] = dt[j] * x[j];
-        load_bc(&g, &tl, Bm, sB, bb, t1, t2, bv);
         float (*prev)[LANES] = s == s0 ? h0 : hs[s - s0 - 1];
         float (*hk)[LANES] = hs[s - s0], (*ek)[LANES] = decays[s - s0];
-        for (int64_t n = 0; n < g.N; n++)
-          for (int j = 0; j < LANES; j++) {
-            float e = exp_vec(dt[j] * a[n][j]);
-            ek[n][j] = e;
-            hk[n][j] = e * prev[n][j] + dtx[j] * bv[n][j];
+        if (tl.shared) {
+          const int64_t ob = bb[0] + t1 * sB[P_1] + t2 * sB[P_2];
+          for (int64_t n = 0; n < g.N; n++) {
+            const float bn = Bm[ob + n * sB[P_N]];
+            for (int j = 0; j < LANES; j++) {
+              float e = exp_vec(dt[j] * a[n][j]);
+              ek[n][j] = e;
+              hk[n][j] = e * prev[n][j] + dtx[j] * bn;
+            }
           }
+        } else {
+          load_bc(&g, &tl, Bm, sB, bb, t1, t2, bv);
+          for (int64_t n = 0; n < g.N; n++)
+            for (int j = 0; j < LANES; j++) {
+              float e = exp_vec(dt[j] * a[n][j]);
+              ek[n][j] = e;
+              hk[n][j] = e * prev[n][j] + dtx[j] * bv[n][j];
+            }
+        }
       }
       /* walk the chunk backwards */
       cursor_set(&g, s1 - 1, &t1, &t2);
       for (int64_t s = s1 - 1; s >= s0; s--, cursor_move(&g, -1, &t1, &t2)) {
         const int64_t t = t1 * g.L2 + t2;
         float x[LANES], v[LANES], dt[LANES], gy[LANES], ddt[LANES], dx[LANES];
-        load_bc(&g, &tl, Bm, sB, bb, t1, t2, bv);
-        load_bc(&g, &tl, Cm, sC, bc, t1, t2, cv);
+        load_bc(&g, &tl, Cm, sC, bc, t1, t2, cv);  /* (also for the dz recompute below) */
+        if (!tl.shared) load_bc(&g, &tl, Bm, sB, bb, t1, t2, bv);
         float (*h)[LANES] = hs[s - s0], (*ek)[LANES] = decays[s - s0];
         float (*prev)[LANES] = s == s0 ? h0 : hs[s - s0 - 1];
         load_lanes(u, bu, seq_step(su, t1, t2), su[Q_D], tl.same_batch, x);
@@ -397,40 +411,60 @@ int vim2_scan_bwd(const int64_t *shape,
           store_lanes(dz, bdz, seq_step(sdz, t1, t2), sdz[Q_D], &tl, dzv);
         }
         for (int j = 0; j < LANES; j++) {
-          ddt[j] = 0.0f;
           dx[j] = dskip[j] * gy[j];
           dDacc[j] += gy[j] * x[j];
         }
-        /* dC_t[n] = sum over lanes of gy * h_t[n]; then G_t = gy C_t + (carry already in G) */
+        /* G_t = gy C_t + (carry in G); dC_t[n] = sum over lanes of gy h_t[n], dB_t[n] of G dt x.
+           ddt and dx are summed in two interleaved partials (one running sum would be a serial chain). */
+        float ddt2[2][LANES] = {{0.0f}}, dx2[2][LANES] = {{0.0f}};
         for (int64_t n = 0; n < g.N; n++) {
           float dcn[LANES], dbn[LANES];
-          for (int j = 0; j < LANES; j++) {
-            float Gn = G[n][j] + gy[j] * cv[n][j];
-            float decay = ek[n][j];
-            float hp = prev[n][j];
-            dcn[j] = tl.valid[j] ? gy[j] * h[n][j] : 0.0f;
-            dbn[j] = tl.valid[j] ? Gn * dt[j] * x[j] : 0.0f;
-            ddt[j] += Gn * (bv[n][j] * x[j] + a[n][j] * decay * hp);
-            dx[j] += Gn * dt[j] * bv[n][j];
-            dAacc[n][j] += Gn * dt[j] * decay * hp;
-            G[n][j] = Gn * decay;  /* carry to the previous step */
-          }
-          int64_t toff = n * g.L + t;
+          const int64_t toff = t * g.N + n;
           if (tl.shared) {
-            float sc = 0.0f, sb = 0.0f;
-            for (int j = 0; j < LANES; j++) { sc += dcn[j]; sb += dbn[j]; }
-            dC_t[bcg[0] + toff] += sc;
-            dB_t[bcg[0] + toff] += sb;
+            const float bn = Bm[bb[0] + n * sB[P_N] + t1 * sB[P_1] + t2 * sB[P_2]];
+            const float cn = Cm[bc[0] + n * sC[P_N] + t1 * sC[P_1] + t2 * sC[P_2]];
+            for (int j = 0; j < LANES; j++) {
+              float Gn = G[n][j] + gy[j] * cn, decay = ek[n][j], hp = prev[n][j];
+              dcn[j] = gy[j] * h[n][j];
+              dbn[j] = Gn * dt[j] * x[j];
+              ddt2[n & 1][j] += Gn * (bn * x[j] + a[n][j] * decay * hp);
+              dx2[n & 1][j] += Gn * dt[j] * bn;
+              dAacc[n][j] += Gn * dt[j] * decay * hp;
+              G[n][j] = Gn * decay;  /* carry to the previous step */
+            }
+            /* a shared tile has all its lanes valid (rows of one (batch, group), aligned) unless it is
+               the last tile: mask the padded lanes there */
+            if (!tl.same_batch)
+              for (int j = 0; j < LANES; j++) { dcn[j] *= vmask[j]; dbn[j] *= vmask[j]; }
+            dC_t[bcg[0] + toff] += lane_sum(dcn);
+            dB_t[bcg[0] + toff] += lane_sum(dbn);
           } else {
             for (int j = 0; j < LANES; j++) {
-              dC_t[bcg[j] + toff] += dcn[j];
-              dB_t[bcg[j] + toff] += dbn[j];
+              float Gn = G[n][j] + gy[j] * cv[n][j], decay = ek[n][j], hp = prev[n][j];
+              dcn[j] = gy[j] * h[n][j];
+              dbn[j] = Gn * dt[j] * x[j];
+              ddt2[n & 1][j] += Gn * (bv[n][j] * x[j] + a[n][j] * decay * hp);
+              dx2[n & 1][j] += Gn * dt[j] * bv[n][j];
+              dAacc[n][j] += Gn * dt[j] * decay * hp;
+              G[n][j] = Gn * decay;
             }
+            for (int j = 0; j < LANES; j++)
+              if (tl.valid[j]) {
+                dC_t[bcg[j] + toff] += dcn[j];
+                dB_t[bcg[j] + toff] += dbn[j];
+              }
           }
+        }
+        for (int j = 0; j < LANES; j++) {
+          ddt[j] = ddt2[0][j] + ddt2[1][j];
+          dx[j] += dx2[0][j] + dx2[1][j];
         }
         float dv[LANES];
         if (g.softplus)
-          for (int j = 0; j < LANES; j++) dv[j] = v[j] > 20.0f ? ddt[j] : ddt[j] * sigmoid_vec(v[j]);
+          for (int j = 0; j < LANES; j++) {
+            float sg = sigmoid_vec(v[j]);
+            dv[j] = ddt[j] * (v[j] > 20.0f ? 1.0f : sg);
+          }
         else
           for (int j = 0; j < LANES; j++) dv[j] = ddt[j];
         for (int j = 0; j < LANES; j++) dbacc[j] += dv[j];

@@ -57,4 +57,12 @@ static inline void step_sizes(int softplus, const float *v, float *dt) {
     for (int j = 0; j < 16; j++) dt[j] = v[j];
 }
 
+/* Sum of 16 lanes as a tree (vectorisable; a left-to-right sum is a serial chain). */
+static inline float lane_sum(const float *x) {
+  float a[8], b[4];
+  for (int j = 0; j < 8; j++) a[j] = x[j] + x[j + 8];
+  for (int j = 0; j < 4; j++) b[j] = a[j] + a[j + 4];
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
 #endif
