@@ -324,7 +324,7 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initia
 
     def bc_grad(parts: Tensor, like: Tensor) -> Tensor:
         total = parts[0] if threads == 1 else parts.sum(0)
-        return total.transpose(-1, -2).reshape(like.shape).to(like.dtype)
+        return total.transpose(-1, -2).contiguous().view(like.shape).to(like.dtype)
 
     return (
         du.to(u.dtype), ddelta.to(delta.dtype), dA_rows.sum(0).to(A.dtype),
