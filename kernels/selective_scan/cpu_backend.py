@@ -74,11 +74,21 @@ _SHAPE_FIELDS = ("batch", "dim", "groups", "L1", "L2", "N", "chunk", "threads", 
 # ---------------------------------------------------------------------------------------------------
 
 def cache_dir() -> Path:
+    """$VIM2_KERNELS_CACHE, else $XDG_CACHE_HOME/vim2_kernels or ~/.cache/vim2_kernels; a per-user
+    temporary directory when that cannot be created (read-only home, e.g. some CI and HPC setups)."""
     root = os.environ.get(CACHE_ENV_VAR)
     if root:
         return Path(root)
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "vim2_kernels"
+    default = (Path(xdg) if xdg else Path.home() / ".cache") / "vim2_kernels"
+    try:
+        default.mkdir(parents=True, exist_ok=True)
+        if os.access(default, os.W_OK):
+            return default
+    except OSError:
+        pass
+    user = getattr(os, "getuid", lambda: "user")()
+    return Path(tempfile.gettempdir()) / f"vim2_kernels-{user}"
 
 
 def _find_compiler() -> Optional[str]:

@@ -14,8 +14,7 @@ import torch
 
 from vim2_kernels.selective_scan import cpu_backend as cb
 from vim2_kernels.selective_scan import dispatch
-from vim2_kernels.selective_scan.reference import selective_scan_reference
-from scan_oracle import GRAD_NAMES, assert_matches_reference
+from scan_oracle import GRAD_NAMES, assert_matches_reference, check_tiny_delta_long_sequence
 from test_torch_backend import ALL, OPTION_NAMES, SWEEP, TOLERANCE, backend_inputs, make_case
 
 pytestmark = pytest.mark.skipif(
@@ -102,21 +101,7 @@ def test_stress_large_softplus_arguments_and_very_negative_A():
 
 
 def test_stress_tiny_delta_over_long_sequence():
-    gen = torch.Generator().manual_seed(5)
-    batch, dim, L, N = 1, 3, 8192, 4
-    u = torch.randn(batch, dim, L, generator=gen)
-    delta = 1e-4 * (1 + torch.rand(batch, dim, L, generator=gen))
-    A = -torch.rand(dim, N, generator=gen) * 2 - 0.1
-    B = torch.randn(batch, 1, N, L, generator=gen)
-    C = torch.randn(batch, 1, N, L, generator=gen)
-    out, last, saved = cb.scan_forward(u, delta, A, B, C, None, None, None, None, False, False)
-    ref_out, ref_last = selective_scan_reference(u.double(), delta.double(), A.double(), B.double(), C.double(),
-                                                 return_last_state=True)
-    torch.testing.assert_close(out.double(), ref_out, rtol=1e-4, atol=2e-5)
-    torch.testing.assert_close(last.double(), ref_last, rtol=1e-4, atol=2e-5)
-    grads = cb.scan_backward(torch.ones_like(out), torch.ones_like(last), u, delta, A, B, C, None, None, None,
-                             None, saved, False, False)
-    assert all(g is None or torch.isfinite(g).all() for g in grads)
+    check_tiny_delta_long_sequence(cb)
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -238,3 +223,14 @@ def test_chunk_and_lane_boundaries_exhaustively(chunk):
     chunk(4)
     for L, rows in itertools.product((3, 4, 5, 9), (15, 16, 17)):
         check_case(seed=L * rows, batch=1, dim=rows, Ls=(L,), N=2, reverse=L % 2 == 1, **ALL)
+
+
+def test_cache_dir_falls_back_to_temp_when_home_cache_is_unusable(monkeypatch, tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.delenv(cb.CACHE_ENV_VAR, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker / "cache"))  # cannot be created: its parent is a file
+    fallback = cb.cache_dir()
+    assert fallback.name.startswith("vim2_kernels-") and blocker not in fallback.parents
+    monkeypatch.setenv(cb.CACHE_ENV_VAR, str(tmp_path / "explicit"))
+    assert cb.cache_dir() == tmp_path / "explicit"

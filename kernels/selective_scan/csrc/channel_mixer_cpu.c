@@ -37,6 +37,14 @@ typedef struct {
   float *conv_w, *conv_b, *delta_w, *delta_b, *B_w, *B_b, *C_w, *C_b, *A, *D;
 } ChannelGrads;
 
+/* T, E, N, K, nthreads, n_tiles from the shape vector; status 3 when N or K exceeds the fixed arrays */
+#define CM_UNPACK_SHAPE(shape)                                                             \
+  const int64_t T = (shape)[CM_T], E = (shape)[CM_E], N = (shape)[CM_N], K = (shape)[CM_K];  \
+  const int nthreads = (int)((shape)[CM_THREADS] < 1 ? 1 : (shape)[CM_THREADS]);              \
+  const int64_t n_tiles = (T + LANES - 1) / LANES;                                         \
+  (void)nthreads;                                                                          \
+  if (N > CM_MAX_STATE || K > CM_MAX_CONV) return 3
+
 static inline int64_t cm_pos(int r, int64_t s, int64_t E) { return r ? E - 1 - s : s; }
 
 static inline float silu_f(float x) { return x * sigmoid_vec(x); }
@@ -141,13 +149,9 @@ int vim2_channel_mixer_fwd(const int64_t *shape, const float *v, int64_t sv_t, i
                            const float *conv_w, const float *conv_b, const float *delta_w, const float *delta_b,
                            const float *B_w, const float *B_b, const float *C_w, const float *C_b,
                            const float *A, const float *D, float *out) {
-  const int64_t T = shape[CM_T], E = shape[CM_E], N = shape[CM_N], K = shape[CM_K];
-  const int nthreads = (int)(shape[CM_THREADS] < 1 ? 1 : shape[CM_THREADS]);
-  if (N > CM_MAX_STATE || K > CM_MAX_CONV) return 3;
+  CM_UNPACK_SHAPE(shape);
   const ChannelParams p = cm_params(conv_w, conv_b, delta_w, delta_b, B_w, B_b, C_w, C_b, A, D);
-  const int64_t n_tiles = (T + LANES - 1) / LANES;
   int failed = 0;
-  (void)nthreads;
 #pragma omp parallel num_threads(nthreads)
   {
     float (*vbuf)[LANES] = malloc(sizeof(float) * (size_t)(3 * E * LANES));
@@ -180,13 +184,9 @@ int vim2_channel_mixer_bwd(const int64_t *shape, const float *v, int64_t sv_t, i
                            const float *A, const float *D, float *dv, float *dz,
                            float *g_conv_w, float *g_conv_b, float *g_delta_w, float *g_delta_b,
                            float *g_B_w, float *g_B_b, float *g_C_w, float *g_C_b, float *g_A, float *g_D) {
-  const int64_t T = shape[CM_T], E = shape[CM_E], N = shape[CM_N], K = shape[CM_K];
-  const int nthreads = (int)(shape[CM_THREADS] < 1 ? 1 : shape[CM_THREADS]);
-  if (N > CM_MAX_STATE || K > CM_MAX_CONV) return 3;
+  CM_UNPACK_SHAPE(shape);
   const ChannelParams p = cm_params(conv_w, conv_b, delta_w, delta_b, B_w, B_b, C_w, C_b, A, D);
-  const int64_t n_tiles = (T + LANES - 1) / LANES;
   int failed = 0;
-  (void)nthreads;
 #pragma omp parallel num_threads(nthreads)
   {
 #ifdef _OPENMP

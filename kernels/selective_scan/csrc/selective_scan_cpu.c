@@ -31,6 +31,13 @@
 
 #define MAX_STATE 64  /* largest N (d_state); checked by cpu_backend.py */
 
+#define PREFETCH_AHEAD 8
+#if defined(__GNUC__) || defined(__clang__)
+#define PREFETCH(p) __builtin_prefetch(p)
+#else
+#define PREFETCH(p) ((void)0)
+#endif
+
 /* ---- shape / flag vector (mirrors cpu_backend.py) ---- */
 enum { S_BATCH, S_DIM, S_GROUPS, S_L1, S_L2, S_N, S_CHUNK, S_THREADS, S_SOFTPLUS, S_REVERSE, S_COUNT };
 /* sequence strides: b, d, s1, s2;  B/C strides: b, g, n, s1, s2 */
@@ -120,6 +127,19 @@ static inline void store_lanes(float *p, const int64_t *base, int64_t toff, int6
   }
 }
 
+/* Prefetches the step (p1, p2) inputs of a tile's first lane (the others share its cache lines when
+   the lanes are consecutive channels). */
+static inline void prefetch_step(const float *u, const int64_t *su, int64_t bu, const float *delta,
+                                 const int64_t *sdl, int64_t bd, const float *Bm, const int64_t *sB, int64_t bb,
+                                 const float *Cm, const int64_t *sC, int64_t bc, const float *z,
+                                 const int64_t *sz, int64_t bz, int64_t p1, int64_t p2) {
+  PREFETCH(u + bu + seq_step(su, p1, p2));
+  PREFETCH(delta + bd + seq_step(sdl, p1, p2));
+  PREFETCH(Bm + bb + p1 * sB[P_1] + p2 * sB[P_2]);
+  PREFETCH(Cm + bc + p1 * sC[P_1] + p2 * sC[P_2]);
+  if (z) PREFETCH(z + bz + seq_step(sz, p1, p2));
+}
+
 static inline int64_t bc_base(const int64_t *st, const Tile *tl, int j) {
   return tl->bc_b[j] * st[P_B] + tl->bc_g[j] * st[P_G];
 }
@@ -138,13 +158,6 @@ static inline void load_bc(const Geometry *g, const Tile *tl, const float *M, co
       for (int j = 0; j < LANES; j++) out[n][j] = M[base[j] + n * st[P_N] + toff];
   }
 }
-
-#define PREFETCH_AHEAD 8
-#if defined(__GNUC__) || defined(__clang__)
-#define PREFETCH(p) __builtin_prefetch(p)
-#else
-#define PREFETCH(p) ((void)0)
-#endif
 
 static inline int64_t scan_time(const Geometry *g, int64_t s) { return g->reverse ? g->L - 1 - s : s; }
 
@@ -211,11 +224,7 @@ int vim2_scan_fwd(const int64_t *shape,
     for (int64_t s = 0, c = 0, to_save = 0; s < g.L; s++, to_save--, cursor_move(&g, 1, &t1, &t2)) {
       if (s + PREFETCH_AHEAD < g.L) {
         /* routes over 2-D maps jump by a whole row or column per step: too far for the hardware prefetcher */
-        PREFETCH(u + bu[0] + seq_step(su, p1, p2));
-        PREFETCH(delta + bd[0] + seq_step(sdl, p1, p2));
-        PREFETCH(Bm + bb[0] + p1 * sB[P_1] + p2 * sB[P_2]);
-        PREFETCH(Cm + bc[0] + p1 * sC[P_1] + p2 * sC[P_2]);
-        if (z) PREFETCH(z + bz[0] + seq_step(sz, p1, p2));
+        prefetch_step(u, su, bu[0], delta, sdl, bd[0], Bm, sB, bb[0], Cm, sC, bc[0], z, sz, bz[0], p1, p2);
         cursor_move(&g, 1, &p1, &p2);
       }
       if (to_save == 0) {  /* the state entering chunk c */
@@ -347,12 +356,8 @@ int vim2_scan_bwd(const int64_t *shape,
       cursor_set(&g, s0 + PREFETCH_AHEAD < s1 ? s0 + PREFETCH_AHEAD : s1 - 1, &p1, &p2);
       for (int64_t s = s0; s < s1; s++, cursor_move(&g, 1, &t1, &t2)) {
         if (s + PREFETCH_AHEAD < s1) {  /* the reverse walk below then finds the chunk in cache */
-          PREFETCH(u + bu[0] + seq_step(su, p1, p2));
-          PREFETCH(delta + bd[0] + seq_step(sdl, p1, p2));
+          prefetch_step(u, su, bu[0], delta, sdl, bd[0], Bm, sB, bb[0], Cm, sC, bc[0], z, sz, bz[0], p1, p2);
           PREFETCH(dout + bdo[0] + seq_step(sdo, p1, p2));
-          PREFETCH(Bm + bb[0] + p1 * sB[P_1] + p2 * sB[P_2]);
-          PREFETCH(Cm + bc[0] + p1 * sC[P_1] + p2 * sC[P_2]);
-          if (z) PREFETCH(z + bz[0] + seq_step(sz, p1, p2));
           cursor_move(&g, 1, &p1, &p2);
         }
         float x[LANES], v[LANES], dt[LANES], dtx[LANES];
