@@ -66,7 +66,9 @@ _FLAG_SETS = (
     [],
 )
 # Order of the shape vector expected by the C code (enum S_* in the source).
-_SHAPE_FIELDS = ("batch", "dim", "groups", "L1", "L2", "N", "chunk", "threads", "softplus", "reverse")
+_SHAPE_FIELDS = ("batch", "dim", "groups", "L1", "L2", "N", "chunk", "threads", "softplus", "reverse",
+                 "bc_step_major")
+LANES = 16  # rows per tile in the C kernels
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -235,11 +237,17 @@ def _threads() -> int:
     return torch.get_num_threads() if library is not None and library.openmp else 1
 
 
+def _bc_step_major(dim: int, groups: int) -> bool:
+    """Every 16-row tile lies in one (batch, group): dB/dC partials are (.., L, N), else (.., N, L)."""
+    return (dim // groups) % LANES == 0
+
+
 def _shape_vector(u: Tensor, groups: int, d_state: int, softplus: bool, reverse: bool, threads: int):
     batch, dim, *Ls = u.shape
     L1, L2 = (1, Ls[0]) if len(Ls) == 1 else Ls
     values = dict(batch=batch, dim=dim, groups=groups, L1=L1, L2=L2, N=d_state, chunk=CHUNK_SIZE,
-                  threads=threads, softplus=int(softplus), reverse=int(reverse))
+                  threads=threads, softplus=int(softplus), reverse=int(reverse),
+                  bc_step_major=int(_bc_step_major(dim, groups)))
     return (ctypes.c_int64 * len(_SHAPE_FIELDS))(*(values[k] for k in _SHAPE_FIELDS))
 
 
@@ -311,7 +319,9 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initia
     ddelta = torch.empty_like(delta32)
     dz = None if z is None else torch.empty_like(z32)
     dA_rows = torch.zeros((batch, dim, d_state), dtype=torch.float32)
-    bc_shape = (batch, groups, seqlen, d_state)  # the kernel's layout; transposed to B's below
+    step_major = _bc_step_major(dim, groups)
+    # the kernel's layout of the dB/dC partials; a step-major one is transposed to B's below
+    bc_shape = (batch, groups, seqlen, d_state) if step_major else (batch, groups, d_state, seqlen)
     dB_parts = torch.zeros((threads, *bc_shape), dtype=torch.float32)
     dC_parts = torch.zeros((threads, *bc_shape), dtype=torch.float32)
     dD_rows = None if D is None else torch.zeros((batch, dim), dtype=torch.float32)
@@ -334,7 +344,9 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initia
 
     def bc_grad(parts: Tensor, like: Tensor) -> Tensor:
         total = parts[0] if threads == 1 else parts.sum(0)
-        return total.transpose(-1, -2).contiguous().view(like.shape).to(like.dtype)
+        if step_major:
+            total = total.transpose(-1, -2).contiguous()
+        return total.view(like.shape).to(like.dtype)
 
     return (
         du.to(u.dtype), ddelta.to(delta.dtype), dA_rows.sum(0).to(A.dtype),

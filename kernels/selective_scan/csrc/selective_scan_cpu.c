@@ -39,7 +39,8 @@
 #endif
 
 /* ---- shape / flag vector (mirrors cpu_backend.py) ---- */
-enum { S_BATCH, S_DIM, S_GROUPS, S_L1, S_L2, S_N, S_CHUNK, S_THREADS, S_SOFTPLUS, S_REVERSE, S_COUNT };
+enum { S_BATCH, S_DIM, S_GROUPS, S_L1, S_L2, S_N, S_CHUNK, S_THREADS, S_SOFTPLUS, S_REVERSE, S_BC_STEP_MAJOR,
+       S_COUNT };
 /* sequence strides: b, d, s1, s2;  B/C strides: b, g, n, s1, s2 */
 enum { Q_B, Q_D, Q_1, Q_2 };
 enum { P_B, P_G, P_N, P_1, P_2 };
@@ -47,6 +48,7 @@ enum { P_B, P_G, P_N, P_1, P_2 };
 typedef struct {
   int64_t batch, dim, groups, per_group, L1, L2, L, N, chunk, n_chunks, rows;
   int softplus, reverse;
+  int64_t bc_t, bc_n;  /* strides of step t and state n in the dB/dC partials */
 } Geometry;
 
 static Geometry geometry(const int64_t *shape) {
@@ -64,6 +66,9 @@ static Geometry geometry(const int64_t *shape) {
   g.rows = g.batch * g.dim;
   g.softplus = (int)shape[S_SOFTPLUS];
   g.reverse = (int)shape[S_REVERSE];
+  /* (.., L, N) when every tile broadcasts B/C (one cache line per step), else (.., N, L) like B itself */
+  g.bc_t = shape[S_BC_STEP_MAJOR] ? g.N : 1;
+  g.bc_n = shape[S_BC_STEP_MAJOR] ? 1 : g.L;
   return g;
 }
 
@@ -285,8 +290,9 @@ int vim2_scan_fwd(const int64_t *shape,
 /* --------------------------------------------------------------------------------------------- */
 
 /* Gradients. Per-row outputs (contiguous): dA_rows (rows, N), dD_rows (rows), dbias_rows (rows),
- * dinit (rows, N). dB/dC: per-thread partials (threads, batch, groups, L, N) in natural order t (N
- * innermost: one step's N values share a cache line),
+ * dinit (rows, N). dB/dC: per-thread partials (threads, batch, groups, L, N) in natural order t when
+ * S_BC_STEP_MAJOR (N innermost: one step's N values share a cache line), else (threads, batch, groups,
+ * N, L);
  * summed by the caller. du/ddelta/dz are addressed through strides like the inputs. */
 int vim2_scan_bwd(const int64_t *shape,
                   const float *u, const int64_t *su, const float *delta, const int64_t *sdl,
@@ -422,9 +428,10 @@ int vim2_scan_bwd(const int64_t *shape,
         /* G_t = gy C_t + (carry in G); dC_t[n] = sum over lanes of gy h_t[n], dB_t[n] of G dt x.
            ddt and dx are summed in two interleaved partials (one running sum would be a serial chain). */
         float ddt2[2][LANES] = {{0.0f}}, dx2[2][LANES] = {{0.0f}};
+        float dBs[MAX_STATE][LANES], dCs[MAX_STATE][LANES];  /* per-lane dB/dC of this step (gather tiles) */
         for (int64_t n = 0; n < g.N; n++) {
           float dcn[LANES], dbn[LANES];
-          const int64_t toff = t * g.N + n;
+          const int64_t toff = t * g.bc_t + n * g.bc_n;
           if (tl.shared) {
             const float bn = Bm[bb[0] + n * sB[P_N] + t1 * sB[P_1] + t2 * sB[P_2]];
             const float cn = Cm[bc[0] + n * sC[P_N] + t1 * sC[P_1] + t2 * sC[P_2]];
@@ -446,20 +453,24 @@ int vim2_scan_bwd(const int64_t *shape,
           } else {
             for (int j = 0; j < LANES; j++) {
               float Gn = G[n][j] + gy[j] * cv[n][j], decay = ek[n][j], hp = prev[n][j];
-              dcn[j] = gy[j] * h[n][j];
-              dbn[j] = Gn * dt[j] * x[j];
+              dCs[n][j] = gy[j] * h[n][j];
+              dBs[n][j] = Gn * dt[j] * x[j];
               ddt2[n & 1][j] += Gn * (bv[n][j] * x[j] + a[n][j] * decay * hp);
               dx2[n & 1][j] += Gn * dt[j] * bv[n][j];
               dAacc[n][j] += Gn * dt[j] * decay * hp;
               G[n][j] = Gn * decay;
             }
-            for (int j = 0; j < LANES; j++)
-              if (tl.valid[j]) {
-                dC_t[bcg[j] + toff] += dcn[j];
-                dB_t[bcg[j] + toff] += dbn[j];
-              }
           }
         }
+        if (!tl.shared)  /* per lane: its (batch, group) slot of the partials */
+          for (int j = 0; j < LANES; j++) {
+            if (!tl.valid[j]) continue;
+            float *pc = dC_t + bcg[j] + t * g.bc_t, *pb = dB_t + bcg[j] + t * g.bc_t;
+            for (int64_t n = 0; n < g.N; n++) {
+              pc[n * g.bc_n] += dCs[n][j];
+              pb[n * g.bc_n] += dBs[n][j];
+            }
+          }
         for (int j = 0; j < LANES; j++) {
           ddt[j] = ddt2[0][j] + ddt2[1][j];
           dx[j] += dx2[0][j] + dx2[1][j];
