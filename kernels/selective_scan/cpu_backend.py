@@ -103,14 +103,17 @@ def _find_compiler() -> Optional[str]:
 
 
 def _cpu_model() -> str:
+    """The CPU's model and feature flags (-march=native code is only valid for them)."""
+    found = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith(("model name", "flags")):
-                    return line.strip()
+                key = line.split(":", 1)[0].strip()
+                if key in ("model name", "flags", "Features") and key not in found:
+                    found[key] = line.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return " | ".join(found.values()) or platform.processor() or platform.machine()
 
 
 def _compiler_id(compiler: str) -> str:
@@ -176,15 +179,20 @@ def _compile(compiler: str, flags: List[str], target: Path) -> Optional[str]:
         # Build under a temporary name and rename: concurrent processes never load a partial file.
         fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=target.suffix)
         os.close(fd)
+    except OSError as exc:
+        return str(exc)
+    try:
         result = subprocess.run([compiler, *flags, f"-I{_CSRC}", *map(str, _SOURCES), "-o", tmp, "-lm"],
                                 capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
-            os.unlink(tmp)
             return (result.stderr or result.stdout).strip()[-500:] or f"exit status {result.returncode}"
         os.replace(tmp, target)
         return None
     except (OSError, subprocess.SubprocessError) as exc:
         return str(exc)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def library_info() -> str:
