@@ -43,7 +43,7 @@ _log = logging.getLogger(__name__)
 NAME = "cpu"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CACHE_ENV_VAR = "VIM2_KERNELS_CACHE"
-# Steps between the states saved for backward (its recompute buffer is CHUNK_SIZE * N * 16 floats).
+# Steps between the states saved for backward (its recompute buffer is 2 * CHUNK_SIZE * 64 * LANES floats).
 CHUNK_SIZE = 128
 # Largest state size N (MAX_STATE in the C source: fixed-size per-tile arrays); dispatch checks it.
 MAX_D_STATE = 64
@@ -68,7 +68,7 @@ _FLAG_SETS = (
 # Order of the shape vector expected by the C code (enum S_* in the source).
 _SHAPE_FIELDS = ("batch", "dim", "groups", "L1", "L2", "N", "chunk", "threads", "softplus", "reverse",
                  "bc_step_major")
-LANES = 16  # rows per tile in the C kernels
+LANES = 32  # rows per tile in the C kernels (LANES in csrc/simd_math.h)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def _threads() -> int:
 
 
 def _bc_step_major(dim: int, groups: int) -> bool:
-    """Every 16-row tile lies in one (batch, group): dB/dC partials are (.., L, N), else (.., N, L)."""
+    """Every LANES-row tile lies in one (batch, group): dB/dC partials are (.., L, N), else (.., N, L)."""
     return (dim // groups) % LANES == 0
 
 

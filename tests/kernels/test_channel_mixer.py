@@ -1,6 +1,6 @@
 """channel_mixer_scan: the fused CPU kernel against the unfused composition in float64 (the oracle runs
 the reference scan), forward and every gradient, over lengths, state sizes, conv widths, gate on/off
-and token counts around the 16-lane tiles; dtypes; validation; custom-op registration and compile."""
+and token counts around the 32-token tiles; dtypes; validation; custom-op registration and compile."""
 import pytest
 import torch
 
@@ -52,7 +52,8 @@ def assert_matches_oracle(inputs, dtype=torch.float32, tol=2e-5):
 @pytest.mark.parametrize("tokens,length,d_state,width,gate", [
     (1, 1, 1, 1, True),
     (15, 7, 3, 4, False),     # one partial tile
-    (16, 24, 4, 4, True),     # one full tile
+    (32, 24, 4, 4, True),     # one full tile
+    (33, 8, 2, 4, True),      # a full tile and one token
     (37, 48, 16, 4, True),    # partial last tile, ViM2's d_state
     (5, 192, 16, 4, True),    # the stage-1 channel width
     (20, 9, 2, 6, False),     # conv wider than usual

@@ -1,7 +1,7 @@
 """Compiled CPU selective-scan backend (C kernels via ctypes) against the float64 plain-loop reference.
 
 Same cases as the torch backend's sweep (``test_torch_backend.make_case``): every length and state size
-of the issue, every option combination, groups whose channels do and do not fill whole 16-lane tiles
+of the issue, every option combination, groups whose channels do and do not fill whole tiles
 (the broadcast and the per-lane B/C paths), strided layouts, half precision, stress inputs. Small chunk
 sizes make the backward recompute cross many chunk boundaries on short sequences. Plus the build
 machinery: cache, missing or broken compiler, and the dispatch fallback.
@@ -64,12 +64,15 @@ def test_every_option_combination(chunk, mask):
     check_case(seed=mask, Ls=(20,), N=3, dlast=bool(mask & 1), **opts)
 
 
+LANES = cb.LANES  # rows per tile of the C kernels
+
+
 @pytest.mark.parametrize("groups,dim,batch", [
-    (1, 16, 2),   # one full tile per batch item: B/C broadcast over the lanes
-    (1, 40, 3),   # tiles that straddle batch items (per-lane B/C) and a partial last tile
-    (2, 64, 2),   # whole tiles inside each group
-    (2, 12, 3),   # 6 channels per group: every tile mixes groups and batch items
-    (8, 8, 2),    # one channel per group
+    (1, LANES, 2),           # one full tile per batch item: B/C broadcast over the lanes
+    (1, LANES + 8, 3),       # tiles that straddle batch items (per-lane B/C) and a partial last tile
+    (2, 4 * LANES, 2),       # whole tiles inside each group
+    (2, 12, 3),              # 6 channels per group: every tile mixes groups and batch items
+    (8, 8, 2),               # one channel per group
 ])
 def test_groups_and_tiles(chunk, groups, dim, batch):
     chunk(7)
@@ -80,9 +83,9 @@ def test_groups_and_tiles(chunk, groups, dim, batch):
 @pytest.mark.parametrize("layout,Ls", [("token_major", (33,)), ("col_major_2d", (5, 7)), ("contiguous", (6, 5))])
 def test_strided_layouts(chunk, layout, Ls, reverse):
     chunk(8)
-    out, _, grads = check_case(layout=layout, Ls=Ls, groups=2, dim=32, reverse=reverse, **ALL)
+    out, _, grads = check_case(layout=layout, Ls=Ls, groups=2, dim=2 * LANES, reverse=reverse, **ALL)
     # outputs and input gradients keep the input's layout (no hidden transposes)
-    cfg, inputs, _, _ = make_case(0, layout=layout, Ls=Ls, groups=2, dim=32, reverse=reverse, **ALL)
+    cfg, inputs, _, _ = make_case(0, layout=layout, Ls=Ls, groups=2, dim=2 * LANES, reverse=reverse, **ALL)
     u = backend_inputs(cfg, inputs)["u"]
     assert out.stride() == u.stride() and grads["u"].stride() == u.stride()
 
@@ -219,9 +222,9 @@ def test_cuda_tensors_are_refused_with_reason():
 
 
 def test_chunk_and_lane_boundaries_exhaustively(chunk):
-    # lengths around the chunk size, rows around the 16-lane tile size
+    # lengths around the chunk size, rows around the tile size
     chunk(4)
-    for L, rows in itertools.product((3, 4, 5, 9), (15, 16, 17)):
+    for L, rows in itertools.product((3, 4, 5, 9), (LANES - 1, LANES, LANES + 1)):
         check_case(seed=L * rows, batch=1, dim=rows, Ls=(L,), N=2, reverse=L % 2 == 1, **ALL)
 
 

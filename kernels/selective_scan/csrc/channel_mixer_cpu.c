@@ -13,7 +13,7 @@
  * unfused formulation are never materialised. The forward keeps nothing for backward: backward
  * recomputes a tile's states (E * N * LANES floats per direction, per thread) and walks back.
  *
- * Lanes are 16 consecutive tokens. Parameter gradients are per-thread partials summed by the caller.
+ * Lanes are LANES (32) consecutive tokens. Parameter gradients are per-thread partials summed by the caller.
  */
 #include <stdint.h>
 #include <string.h>

@@ -6,7 +6,7 @@
  * Work decomposition: "rows" are the flattened (batch, dim) pairs in the order r = b * dim + d. One
  * tile = LANES consecutive rows, walked through the whole sequence in scan order with the state
  * h[N][LANES] in float32 registers/L1; the inner loops run over the lanes, so the compiler vectorises
- * them (16 lanes = one AVX-512 register). When all rows of a tile share one (batch, group), B/C are
+ * them (LANES = 32: two AVX-512 registers). When all rows of a tile share one (batch, group), B/C are
  * loaded once per step and broadcast; otherwise each lane gathers its own (e.g. dim = 1).
  *
  * Numerics: the exponential is evaluated only on clamped arguments by exp_vec (Cody-Waite range

