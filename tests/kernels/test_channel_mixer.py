@@ -145,3 +145,17 @@ def test_compiles_fullgraph():
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     args = (x["v"], x["z"], *(x[k] for k in PARAMS))
     torch.testing.assert_close(compiled(*args), step(*args))
+
+
+@needs_cpu_kernel
+def test_gradients_are_bitwise_reproducible_with_several_threads():
+    x = {k: t.float() for k, t in make_inputs(200, 16, 4).items()}
+    dout = torch.randn(200, 16, generator=torch.Generator().manual_seed(1))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        runs = [run(channel_mixer_scan, x, torch.float32, dout, backend="cpu") for _ in range(2)]
+    finally:
+        torch.set_num_threads(before)
+    for name, grad in runs[0][1].items():
+        assert torch.equal(grad, runs[1][1][name]), name

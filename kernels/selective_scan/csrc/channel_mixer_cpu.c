@@ -206,7 +206,7 @@ int vim2_channel_mixer_bwd(const int64_t *shape, const float *v, int64_t sv_t, i
     float (*dvbuf)[LANES] = gybuf + E, (*xs)[LANES] = dvbuf + E, (*dts)[LANES] = xs + E;
     float (*vdts)[LANES] = dts + E, (*pres)[LANES] = vdts + E;
     float *hs = (float *)(pres + E), *decays = hs + E * N * LANES;
-#pragma omp for schedule(dynamic, 4)
+#pragma omp for schedule(static)  /* reproducible per-thread gradient partials (see selective_scan_cpu.c) */
     for (int64_t tile = 0; tile < n_tiles; tile++) {
       if (!scratch) continue;
       const int64_t t0 = tile * LANES;

@@ -308,7 +308,9 @@ int vim2_scan_bwd(const int64_t *shape,
   const int64_t bc_numel = g.batch * g.groups * g.N * g.L;
   int failed = 0;
   (void)nthreads;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+  /* static schedule: each tile always lands on the same thread, so the per-thread dB/dC partials, hence
+     the gradients, are bitwise reproducible for a given thread count */
+#pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t tile = 0; tile < n_tiles; tile++) {
 #ifdef _OPENMP
     const int64_t thread = omp_get_thread_num();
