@@ -12,14 +12,17 @@
 
 static inline float exp_vec(float x) {
   x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  float kf = x * 1.44269504088896341f;
-  /* round to nearest without roundf (which needs -ffast-math to vectorise) */
-  int32_t k = (int32_t)(kf + (kf >= 0.0f ? 0.5f : -0.5f));
-  float fk = (float)k;
+  /* k = round(x / ln2) by the float shifter 1.5 * 2^23 (+ 127, the exponent bias): after the add, the
+     low mantissa bits of kf hold k + 127, and kf - shifter is k exactly (no float<->int conversions) */
+  const float shifter = 12582912.0f + 127.0f;
+  float kf = x * 1.44269504088896341f + shifter;
+  float fk = kf - shifter;
   float r = x - fk * 0.693145751953125f - fk * 1.428606765330187e-06f;
   float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120
             + r * (1.0f / 720 + r * (1.0f / 5040)))))));
-  int32_t bits = (k + 127) << 23;
+  uint32_t bits;
+  memcpy(&bits, &kf, sizeof bits);
+  bits <<= 23;  /* (k + 127) << 23: the shifter's own bits leave at the top */
   float scale;
   memcpy(&scale, &bits, sizeof scale);
   return p * scale;
