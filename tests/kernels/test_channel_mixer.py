@@ -159,3 +159,14 @@ def test_gradients_are_bitwise_reproducible_with_several_threads():
         torch.set_num_threads(before)
     for name, grad in runs[0][1].items():
         assert torch.equal(grad, runs[1][1][name]), name
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("name", ["v", "z", "conv_weight", "delta_bias", "B_weight", "C_bias", "A", "D"])
+def test_nan_inputs_reach_the_output(name):
+    x = {k: t.float() for k, t in make_inputs(40, 12, 4).items()}
+    x[name].view(-1)[1] = float("nan")
+    got = channel_mixer_scan(x["v"], x["z"], *(x[k] for k in PARAMS), backend="cpu")
+    want = channel_mixer_scan_unfused(x["v"], x["z"], *(x[k] for k in PARAMS), backend="torch")
+    assert want.isnan().any()
+    assert torch.equal(got.isnan(), want.isnan())

@@ -255,3 +255,18 @@ def test_gradients_are_bitwise_reproducible_with_several_threads():
     for name, grad in first[2].items():
         if grad is not None:
             assert torch.equal(grad, second[2][name]), name
+
+
+@pytest.mark.parametrize("name", ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"])
+def test_nan_inputs_reach_the_output_like_the_torch_backend(name):
+    # the kernels clamp exp arguments (and are built with -ffinite-math-only): a NaN must still show
+    cfg, inputs, _, _ = make_case(6, batch=2, dim=LANES + 3, Ls=(30,), N=4, softplus=True, **{
+        k: v for k, v in ALL.items() if k != "softplus"})
+    x = {k: (None if v is None else v.float()) for k, v in inputs.items()}
+    x[name].view(-1)[5] = float("nan")
+    args = [x[k] for k in ARGS]
+    from vim2_kernels.selective_scan import torch_backend
+    got = cb.scan_forward(*args, True, False)[0]
+    want = torch_backend.scan_forward(*args, True, False)[0]
+    assert want.isnan().any(), "test bug: the NaN does not reach the reference output"
+    assert torch.equal(got.isnan(), want.isnan())

@@ -88,7 +88,7 @@ static void cm_direction(const ChannelParams *p, int r, int64_t E, int64_t N, in
   float h[CM_MAX_STATE][LANES], a[CM_MAX_STATE];
   for (int64_t n = 0; n < N; n++) {
     a[n] = p->A[r * N + n];
-    for (int j = 0; j < LANES; j++) h[n][j] = 0.0f;
+    for (int j = 0; j < LANES; j++) h[n][j] = is_nan_bits(a[n]) ? a[n] : 0.0f;  /* NaN in A stays visible */
   }
   const float dw = p->delta_w[r], dskip = p->D[r];
   for (int64_t s = 0; s < E; s++) {

@@ -221,6 +221,7 @@ int vim2_scan_fwd(const int64_t *shape,
       for (int64_t n = 0; n < g.N; n++) {
         a[n][j] = A[tl.d[j] * g.N + n];
         h[n][j] = init ? init[tl.row[j] * g.N + n] : 0.0f;
+        if (is_nan_bits(a[n][j])) h[n][j] = a[n][j];  /* a NaN in A reaches the output (exp clamps would not) */
       }
     }
     int64_t t1, t2, p1, p2;  /* this step, and the step PREFETCH_AHEAD later */

@@ -45,12 +45,21 @@ static inline float log_vec(float w) {
   return lm + (float)e * 0.693147180559945309f;
 }
 
-/* softplus(v) = log(1 + exp(v)); v itself above 20 (as mamba). */
+/* 1 if x is NaN. Integer test on the bits: -ffinite-math-only lets the compiler fold `x != x` away. */
+static inline int is_nan_bits(float x) {
+  uint32_t b;
+  memcpy(&b, &x, sizeof b);
+  return (b & 0x7fffffffu) > 0x7f800000u;
+}
+
+/* softplus(v) = log(1 + exp(v)); v itself above 20 (as mamba). A NaN step size stays NaN (the clamps
+   in exp_vec would turn it into a finite number and hide a diverging model). */
 static inline float softplus_vec(float v) {
   float e = exp_vec(v < 20.0f ? v : 20.0f);
   float small = e * (1.0f - e * (0.5f - e * (1.0f / 3)));  /* log1p(e) for e < 1e-3 */
   float sp = e < 1e-3f ? small : log_vec(1.0f + e);
-  return v > 20.0f ? v : sp;
+  float r = v > 20.0f ? v : sp;
+  return is_nan_bits(v) ? v : r;
 }
 
 static inline float sigmoid_vec(float v) { return 1.0f / (1.0f + exp_vec(-v)); }
