@@ -19,10 +19,8 @@ from torch import Tensor
 
 from .bidirectional import bidirectional_scan
 from .selective_scan import cpu_backend
-from .selective_scan.dispatch import check_input_limits, resolve_backend
+from .selective_scan.dispatch import resolve_backend
 
-_PARAM_NAMES = ("conv_weight", "conv_bias", "delta_weight", "delta_bias", "B_weight", "B_bias",
-                "C_weight", "C_bias", "A", "D")
 MAX_CONV_WIDTH = 8  # CM_MAX_CONV in the C source
 
 
@@ -67,7 +65,7 @@ def channel_mixer_scan(
     """
     _validate(v, z, conv_weight, conv_bias, delta_weight, delta_bias, B_weight, B_bias, C_weight, C_bias, A, D)
     params = (conv_weight, conv_bias, delta_weight, delta_bias, B_weight, B_bias, C_weight, C_bias, A, D)
-    name = check_input_limits(resolve_backend(backend, v.device, v.dtype), backend, A.shape[1])
+    name = resolve_backend(backend, v.device, v.dtype, A.shape[1])
     if name == "cpu" and conv_weight.shape[1] <= MAX_CONV_WIDTH:
         return torch.ops.vim2_kernels.channel_mixer_fwd(v, z, *params)
     return channel_mixer_scan_unfused(v, z, *params, backend=name)
@@ -132,12 +130,9 @@ def _validate(v, z, conv_weight, conv_bias, delta_weight, delta_bias, B_weight, 
 # the fused CPU kernel as custom ops
 # ---------------------------------------------------------------------------------------------------
 
-def _f32(t: Tensor) -> Tensor:
+def _param32(t: Tensor) -> Tensor:
+    """A small parameter as the kernels read it: contiguous float32."""
     return t.detach().float().contiguous()
-
-
-def _threads() -> int:
-    return cpu_backend._threads()
 
 
 def _shape(v: Tensor, d_state: int, width: int, threads: int):
@@ -157,14 +152,13 @@ def _channel_mixer_fwd(
     delta_bias: Tensor, B_weight: Tensor, B_bias: Tensor, C_weight: Tensor, C_bias: Tensor, A: Tensor, D: Tensor,
 ) -> Tensor:
     lib = cpu_backend._library()
-    v32 = v if v.dtype == torch.float32 else v.float()
-    z32 = None if z is None else (z if z.dtype == torch.float32 else z.float())
-    params = [_f32(p) for p in (conv_weight, conv_bias, delta_weight, delta_bias, B_weight, B_bias,
-                                C_weight, C_bias, A, D)]
+    v32, z32 = cpu_backend._f32(v), cpu_backend._f32(z)
+    params = [_param32(p) for p in (conv_weight, conv_bias, delta_weight, delta_bias, B_weight, B_bias,
+                                    C_weight, C_bias, A, D)]
     out = torch.empty(v.shape, dtype=torch.float32)
     if v.numel():
         status = lib.vim2_channel_mixer_fwd(
-            _shape(v, A.shape[1], conv_weight.shape[1], _threads()), *_strided(v32), *_strided(z32),
+            _shape(v, A.shape[1], conv_weight.shape[1], cpu_backend._threads()), *_strided(v32), *_strided(z32),
             *map(cpu_backend._ptr, params), cpu_backend._ptr(out))
         cpu_backend._check(status, "channel mixer forward", A.shape[1])
     return out if v.dtype == torch.float32 else out.to(v.dtype)
@@ -182,13 +176,12 @@ def _channel_mixer_bwd(
 ) -> List[Tensor]:
     lib = cpu_backend._library()
     params = (conv_weight, conv_bias, delta_weight, delta_bias, B_weight, B_bias, C_weight, C_bias, A, D)
-    v32 = v if v.dtype == torch.float32 else v.float()
-    z32 = None if z is None else (z if z.dtype == torch.float32 else z.float())
-    dout32 = dout if dout.dtype == torch.float32 else dout.float()
-    threads = _threads()
-    params32 = [_f32(p) for p in params]  # kept alive for the duration of the call
-    dv = torch.zeros(v.shape, dtype=torch.float32)
-    dz = None if z is None else torch.zeros(v.shape, dtype=torch.float32)
+    v32, z32, dout32 = cpu_backend._f32(v), cpu_backend._f32(z), cpu_backend._f32(dout)
+    threads = cpu_backend._threads()
+    params32 = [_param32(p) for p in params]  # kept alive for the duration of the call
+    # the kernel writes every element of dv and dz
+    dv = torch.empty(v.shape, dtype=torch.float32)
+    dz = None if z is None else torch.empty(v.shape, dtype=torch.float32)
     partials = [torch.zeros((threads, *p.shape), dtype=torch.float32) for p in params]
     if v.numel():
         status = lib.vim2_channel_mixer_bwd(

@@ -123,24 +123,20 @@ def _dtype_reason(name: str, dtype: torch.dtype) -> Optional[str]:
 
 
 @torch.compiler.assume_constant_result
-def resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
-    """The backend that will run an input on ``device`` with ``dtype`` (see the module docstring)."""
-    name, source = requested_backend(backend)
-    return _resolve(name, source, torch.device(device).type, dtype)
+def resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.dtype,
+                    d_state: Optional[int] = None) -> str:
+    """The backend that will run an input on ``device`` with ``dtype`` (see the module docstring).
 
-
-@torch.compiler.assume_constant_result
-def check_input_limits(name: str, backend: Optional[str], d_state: int) -> str:
-    """``name``, or ``torch`` when ``name`` cannot take this state size (``MAX_D_STATE`` of the backend).
-
-    An automatic choice falls back with one warning; a backend requested by name raises the reason.
+    With ``d_state``, a backend that cannot take that state size (its ``MAX_D_STATE``) is replaced by
+    torch when chosen automatically (one warning), or raises when it was requested by name.
     """
-    limit = getattr(get_backend_module(name), "MAX_D_STATE", None)
-    if limit is None or d_state <= limit:
-        return name
-    reason = f"the {name} backend supports d_state (N) <= {limit}, got N={d_state}"
-    requested, source = requested_backend(backend)
-    if requested != "auto":
-        raise BackendUnavailableError(f"selective-scan backend {name!r} was requested by {source} but {reason}")
+    name, source = requested_backend(backend)
+    chosen = _resolve(name, source, torch.device(device).type, dtype)
+    limit = getattr(get_backend_module(chosen), "MAX_D_STATE", None)
+    if d_state is None or limit is None or d_state <= limit:
+        return chosen
+    reason = f"the {chosen} backend supports d_state (N) <= {limit}, got N={d_state}"
+    if name != "auto":
+        raise BackendUnavailableError(f"selective-scan backend {chosen!r} was requested by {source} but {reason}")
     _warn_once(f"vim2_kernels: {reason}; falling back to the torch backend.")
     return "torch"

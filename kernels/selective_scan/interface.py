@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .dispatch import check_input_limits, get_backend_module, resolve_backend
+from .dispatch import get_backend_module, resolve_backend
 from .reference import selective_scan_reference
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -217,7 +217,7 @@ def run_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
              n_seq_dims: int = 1):
     """Validates, resolves the backend and runs the forward custom op. Returns (out, last_state)."""
     B, C = validate_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, n_seq_dims)
-    name = check_input_limits(resolve_backend(backend, u.device, u.dtype), backend, A.shape[1])
+    name = resolve_backend(backend, u.device, u.dtype, A.shape[1])
     if name == "reference":
         return selective_scan_reference(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse, return_last_state=True

@@ -82,3 +82,16 @@ def check_tiny_delta_long_sequence(backend) -> None:
     grads = backend.scan_backward(torch.ones_like(out), torch.ones_like(last), u, delta, A, B, C, None, None,
                                   None, None, saved, False, False)
     assert all(g is None or torch.isfinite(g).all() for g in grads)
+
+
+def check_empty_batch(backend) -> None:
+    """A batch of zero sequences: a backend's contract functions return correctly shaped empty results
+    and a zero dA."""
+    u = torch.zeros(0, 3, 5)
+    B = torch.zeros(0, 1, 2, 5)
+    A = -torch.ones(3, 2)
+    out, last, saved = backend.scan_forward(u, u, A, B, B, None, None, None, None, True, False)
+    assert out.shape == (0, 3, 5) and last.shape == (0, 3, 2)
+    grads = backend.scan_backward(out, None, u, u, A, B, B, None, None, None, None, saved, True, False)
+    assert grads[0].shape == u.shape and grads[3].shape == B.shape
+    assert torch.equal(grads[2], torch.zeros(3, 2))

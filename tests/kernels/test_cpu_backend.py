@@ -14,7 +14,7 @@ import torch
 
 from vim2_kernels.selective_scan import cpu_backend as cb
 from vim2_kernels.selective_scan import dispatch
-from scan_oracle import GRAD_NAMES, assert_matches_reference, check_tiny_delta_long_sequence
+from scan_oracle import GRAD_NAMES, assert_matches_reference, check_empty_batch, check_tiny_delta_long_sequence
 from test_torch_backend import ALL, OPTION_NAMES, SWEEP, TOLERANCE, backend_inputs, make_case
 
 pytestmark = pytest.mark.skipif(
@@ -127,13 +127,7 @@ def test_results_do_not_depend_on_thread_count(threads):
 
 
 def test_empty_inputs():
-    u = torch.zeros(0, 3, 5)
-    B = torch.zeros(0, 1, 2, 5)
-    A = -torch.ones(3, 2)
-    out, last, saved = cb.scan_forward(u, u, A, B, B, None, None, None, None, True, False)
-    assert out.shape == (0, 3, 5) and last.shape == (0, 3, 2)
-    grads = cb.scan_backward(out, None, u, u, A, B, B, None, None, None, None, saved, True, False)
-    assert grads[0].shape == u.shape and grads[3].shape == B.shape and torch.equal(grads[2], torch.zeros(3, 2))
+    check_empty_batch(cb)
 
 
 def test_float64_goes_to_torch_backend_without_warning(monkeypatch):

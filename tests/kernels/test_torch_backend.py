@@ -15,7 +15,7 @@ import torch
 
 from vim2_kernels.selective_scan import torch_backend as tb
 from scan_oracle import (GRAD_NAMES, SEQ_NAMES, assert_close_within, assert_matches_reference,
-                         check_tiny_delta_long_sequence)
+                         check_empty_batch, check_tiny_delta_long_sequence)
 
 
 DEFAULTS = dict(batch=2, dim=4, groups=1, N=4, Ls=(7,), D=False, z=False, bias=False, softplus=False,
@@ -281,14 +281,7 @@ def test_channel_mixer_shape(backend_settings, reverse):
 
 
 def test_empty_batch_and_single_step():
-    u = torch.zeros(0, 3, 5)
-    B = torch.zeros(0, 1, 2, 5)
-    A = -torch.ones(3, 2)
-    out, last, saved = tb.scan_forward(u, u, A, B, B, None, None, None, None, True, False)
-    assert out.shape == (0, 3, 5) and last.shape == (0, 3, 2)
-    grads = tb.scan_backward(out, None, u, u, A, B, B, None, None, None, None, saved, True, False)
-    assert grads[0].shape == u.shape and grads[3].shape == B.shape
-    assert torch.equal(grads[2], torch.zeros(3, 2))
+    check_empty_batch(tb)
 
 
 def test_chunking_and_saved_shape():

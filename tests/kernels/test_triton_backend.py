@@ -18,7 +18,8 @@ import torch  # noqa: E402
 pytest.importorskip("triton", reason="triton is not installed (the backend is optional)")
 
 from vim2_kernels.selective_scan import triton_backend as tb  # noqa: E402
-from scan_oracle import GRAD_NAMES, assert_close_within, assert_matches_reference  # noqa: E402
+from scan_oracle import (GRAD_NAMES, assert_close_within, assert_matches_reference,  # noqa: E402
+                         check_empty_batch)
 
 if tb.unavailable_reason(torch.device("cpu")) is not None:
     pytest.skip(f"triton backend cannot run on CPU here: {tb.unavailable_reason(torch.device('cpu'))}",
@@ -203,14 +204,7 @@ def test_saved_from_other_chunk_size_is_rejected(settings):
 
 
 def test_empty_batch():
-    u = torch.zeros(0, 3, 5)
-    B = torch.zeros(0, 1, 2, 5)
-    A = -torch.ones(3, 2)
-    out, last, saved = tb.scan_forward(u, u, A, B, B, None, None, None, None, True, False)
-    assert out.shape == (0, 3, 5) and last.shape == (0, 3, 2)
-    grads = tb.scan_backward(out, None, u, u, A, B, B, None, None, None, None, saved, True, False)
-    assert grads[0].shape == u.shape and grads[3].shape == B.shape
-    assert torch.equal(grads[2], torch.zeros(3, 2))
+    check_empty_batch(tb)
 
 
 def test_unavailable_reasons_without_interpreter_or_triton():
