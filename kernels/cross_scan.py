@@ -6,6 +6,13 @@ Every route is handed to the backend as a strided *view* of the channels-last ma
 (``(batch, dim, L1, L2)``, see ``selective_scan.interface``): row-major routes are ``(H, W)`` views and
 column-major routes ``(W, H)`` views, so no permuted copies are made here. The triton backend walks those
 views directly; the torch backend copies a column-major view once per route into its own layout.
+
+With ``delta_proj_weight``, Δ is given in low rank (Mamba's ``dt_proj`` applied to the ``dt`` part of
+``x_proj``), as in ``mamba_ssm``'s fused ``mamba_inner_fn``. When no gradient is needed and the ``cpu``
+backend serves the call, one custom op runs the four routes with the projection fused into the C
+kernel and the routes summed in place: neither the (batch, H, W, K, dim) Δ nor a per-route output is
+ever stored. Otherwise Δ is materialised and the differentiable per-route path runs (same numbers up to
+float32 rounding; tested against each other).
 """
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .selective_scan.dispatch import resolve_backend
 from .selective_scan.interface import run_scan
 
 ROUTES = ("row", "col", "row_rev", "col_rev")
@@ -38,6 +46,41 @@ def _check_routes(routes: Sequence[str]) -> tuple:
     return routes
 
 
+@torch.library.custom_op("vim2_kernels::cross_scan_lowrank_fwd", mutates_args=())
+def _cross_scan_lowrank_op(
+    u: Tensor, dts: Tensor, dt_weight: Tensor, A: Tensor, B: Tensor, C: Tensor,
+    D: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, routes: str,
+) -> Tensor:
+    """Inference-only cpu path of ``cross_scan_2d`` with a low-rank Δ (no autograd: see the module doc)."""
+    from .selective_scan import cpu_backend  # compiled library: imported where it is used
+
+    out = torch.empty(u.shape, dtype=torch.float32)  # (batch, H, W, dim), contiguous: lanes store contiguously
+    u32, dts32, B32, C32 = (cpu_backend._f32(t) for t in (u, dts, B, C))
+    for k, route in enumerate(routes.split(",")):
+        perm, reverse = _ROUTE_LAYOUT[route]
+        cpu_backend.scan_forward_lowrank(
+            out.permute(perm), u32.permute(perm), dts32[:, :, :, k].permute(perm).unsqueeze(1), dt_weight[k],
+            A[k], B32[:, :, :, k].permute(perm).unsqueeze(1), C32[:, :, :, k].permute(perm).unsqueeze(1),
+            None if D is None else D[k], None if delta_bias is None else delta_bias[k],
+            delta_softplus, reverse, accumulate=k > 0,
+        )
+    return out if u.dtype == torch.float32 else out.to(u.dtype)
+
+
+@_cross_scan_lowrank_op.register_fake
+def _(u, dts, dt_weight, A, B, C, D, delta_bias, delta_softplus, routes):
+    return torch.empty(u.shape, dtype=u.dtype, device=u.device)
+
+
+def _max_fused_rank() -> int:
+    from .selective_scan.cpu_backend import MAX_DT_RANK
+    return MAX_DT_RANK
+
+
+def _needs_grad(*tensors: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def cross_scan_2d(
     u: Tensor,
     delta: Tensor,
@@ -49,18 +92,22 @@ def cross_scan_2d(
     delta_softplus: bool = True,
     routes: Sequence[str] = ROUTES,
     *,
+    delta_proj_weight: Optional[Tensor] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """Multi-route 2-D selective scan of a channels-last map, summed over routes.
 
     Args:
         u: (batch, H, W, dim) SSM input shared by all routes; float32/float16/bfloat16/float64.
-        delta: (batch, H, W, K, dim) per-route Δ before bias/softplus, at natural (h, w) positions.
+        delta: (batch, H, W, K, dim) per-route Δ before bias/softplus, at natural (h, w) positions; with
+            ``delta_proj_weight``, the low-rank Δ input (batch, H, W, K, R) instead (may be a view, e.g.
+            the first R columns of the x_proj output), dtype of u.
         A: (K, dim, N) float32.
         B, C: (batch, H, W, K, N), dtype of u or float32.
         D, delta_bias: optional (K, dim) float32.
         routes: K route names: 'row' (h outer, w inner), 'col' (w outer, h inner) and their reverses
             'row_rev', 'col_rev'.
+        delta_proj_weight: optional (K, dim, R): route k's Δ is ``delta[..., k, :] @ delta_proj_weight[k].T``.
         backend: see ``selective_scan_fn``.
 
     Returns:
@@ -77,8 +124,18 @@ def cross_scan_2d(
             f"got {tuple(A.shape) if isinstance(A, Tensor) else type(A).__name__}"
         )
     d_state = A.shape[2]
+    if delta_proj_weight is not None:
+        if not isinstance(delta_proj_weight, Tensor) or delta_proj_weight.dim() != 3 \
+                or delta_proj_weight.shape[:2] != (n_routes, dim):
+            got = tuple(delta_proj_weight.shape) if isinstance(delta_proj_weight, Tensor) \
+                else type(delta_proj_weight).__name__
+            raise ValueError(f"delta_proj_weight must have shape (K, dim, R) = ({n_routes}, {dim}, R), got {got}")
+        rank = delta_proj_weight.shape[2]
+        delta_shape = ((batch, height, width, n_routes, rank), "(batch, H, W, K, R) (low-rank Δ input)")
+    else:
+        delta_shape = ((batch, height, width, n_routes, dim), "(batch, H, W, K, dim)")
     expected = {
-        "delta": (delta, (batch, height, width, n_routes, dim), "(batch, H, W, K, dim)"),
+        "delta": (delta, *delta_shape),
         "B": (B, (batch, height, width, n_routes, d_state), "(batch, H, W, K, N)"),
         "C": (C, (batch, height, width, n_routes, d_state), "(batch, H, W, K, N)"),
         "D": (D, (n_routes, dim), "(K, dim)"),
@@ -91,6 +148,23 @@ def cross_scan_2d(
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {desc} = {shape}, got {tuple(t.shape)}")
+    if delta_proj_weight is not None:
+        for name, t in (("delta", delta), ("delta_proj_weight", delta_proj_weight)):
+            if t.device != u.device:
+                raise ValueError(f"{name} is on {t.device} but u is on {u.device}: all inputs must share one device")
+            if not t.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        fused = (
+            not _needs_grad(u, delta, delta_proj_weight, A, B, C, D, delta_bias)
+            and u.dtype != torch.float64
+            and resolve_backend(backend, u.device, u.dtype, d_state) == "cpu"
+            and delta_proj_weight.shape[2] <= _max_fused_rank()
+        )
+        if fused:
+            return torch.ops.vim2_kernels.cross_scan_lowrank_fwd(
+                u, delta, delta_proj_weight, A, B, C, D, delta_bias, bool(delta_softplus), ",".join(routes)
+            )
+        delta = torch.einsum("bhwkr,kdr->bhwkd", delta, delta_proj_weight.to(delta.dtype)).to(u.dtype)
 
     total = None
     for k, route in enumerate(routes):

@@ -47,6 +47,7 @@ CACHE_ENV_VAR = "VIM2_KERNELS_CACHE"
 CHUNK_SIZE = 128
 # Largest state size N (MAX_STATE in the C source: fixed-size per-tile arrays); dispatch checks it.
 MAX_D_STATE = 64
+MAX_DT_RANK = 64  # largest rank of the fused low-rank Δ (MAX_DT_RANK in csrc/selective_scan_cpu.c)
 # Outputs and input gradients come back in their input's layout (e.g. token-major): the fake kernels
 # of the custom ops must say so (interface.py).
 PRESERVES_LAYOUT = True
@@ -67,7 +68,7 @@ _FLAG_SETS = (
 )
 # Order of the shape vector expected by the C code (enum S_* in the source).
 _SHAPE_FIELDS = ("batch", "dim", "groups", "L1", "L2", "N", "chunk", "threads", "softplus", "reverse",
-                 "bc_step_major")
+                 "bc_step_major", "dt_rank", "accumulate")
 LANES = 32  # rows per tile in the C kernels (LANES in csrc/simd_math.h)
 
 
@@ -250,12 +251,13 @@ def _bc_step_major(dim: int, groups: int) -> bool:
     return (dim // groups) % LANES == 0
 
 
-def _shape_vector(u: Tensor, groups: int, d_state: int, softplus: bool, reverse: bool, threads: int):
+def _shape_vector(u: Tensor, groups: int, d_state: int, softplus: bool, reverse: bool, threads: int,
+                  dt_rank: int = 0, accumulate: bool = False):
     batch, dim, *Ls = u.shape
     L1, L2 = (1, Ls[0]) if len(Ls) == 1 else Ls
     values = dict(batch=batch, dim=dim, groups=groups, L1=L1, L2=L2, N=d_state, chunk=CHUNK_SIZE,
                   threads=threads, softplus=int(softplus), reverse=int(reverse),
-                  bc_step_major=int(_bc_step_major(dim, groups)))
+                  bc_step_major=int(_bc_step_major(dim, groups)), dt_rank=dt_rank, accumulate=int(accumulate))
     return (ctypes.c_int64 * len(_SHAPE_FIELDS))(*(values[k] for k in _SHAPE_FIELDS))
 
 
@@ -266,9 +268,12 @@ def _library() -> ctypes.CDLL:
     return library.lib
 
 
-def _check(status: int, what: str, d_state: int) -> None:
+def _check(status: int, what: str, d_state: int, dt_rank: int = 0) -> None:
     if status == 3:
         raise ValueError(f"the cpu selective-scan backend supports d_state (N) <= {MAX_D_STATE}, got {d_state}")
+    if status == 4:
+        raise ValueError(f"the cpu selective-scan backend supports a low-rank Δ of rank <= {MAX_DT_RANK}, "
+                         f"got {dt_rank}")
     if status != 0:
         raise MemoryError(f"vim2_kernels cpu backend: {what} failed (status {status}: out of memory for "
                           f"its per-tile scratch buffers)")
@@ -304,10 +309,41 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softp
         _ptr(u32), _seq_strides(u32, 2), _ptr(delta32), _seq_strides(delta32, 2),
         _ptr(A32), _ptr(B32), _seq_strides(B32, 3), _ptr(C32), _seq_strides(C32, 3),
         _ptr(D32), _ptr(z32), _seq_strides(z32, 2), _ptr(bias32), _ptr(init32),
-        _ptr(out), _seq_strides(out, 2), _ptr(last), _ptr(saved),
+        _ptr(out), _seq_strides(out, 2), _ptr(last), _ptr(saved), None, None, None,
     )
     _check(status, "forward", d_state)
     return (out if u.dtype == torch.float32 else out.to(u.dtype)), last, saved
+
+
+def scan_forward_lowrank(out: Tensor, u: Tensor, dts: Tensor, dt_weight: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                         D: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, reverse: bool,
+                         accumulate: bool) -> None:
+    """Inference forward with the Δ projection fused in, writing (or adding) into ``out``.
+
+    Sequence-contract layouts (any strides, float32): u and out (batch, dim, *Ls); dts, B, C
+    (batch, G, R or N, *Ls) with one group for dts; dt_weight (dim, R): Δ[b, d, t] = dts[b, 0, :, t] . dt_weight[d].
+    Nothing is saved for backward (callers use it only when no gradient is needed).
+    """
+    lib = _library()
+    batch, dim = u.shape[:2]
+    d_state, rank = A.shape[1], dt_weight.shape[1]
+    if u.numel() == 0:
+        if not accumulate:
+            out.zero_()
+        return
+    A32, D32, bias32, _ = _params(A, D, delta_bias, None)
+    w32 = dt_weight.float().contiguous()
+    seqlen = u[0, 0].numel()
+    last = torch.empty((batch, dim, d_state), dtype=torch.float32)
+    saved = torch.empty(saved_shape(batch, dim, seqlen, d_state), dtype=torch.float32)
+    status = lib.vim2_scan_fwd(
+        _shape_vector(u, B.shape[1], d_state, delta_softplus, reverse, _threads(), rank, accumulate),
+        _ptr(u), _seq_strides(u, 2), None, None,
+        _ptr(A32), _ptr(B), _seq_strides(B, 3), _ptr(C), _seq_strides(C, 3),
+        _ptr(D32), None, None, _ptr(bias32), None,
+        _ptr(out), _seq_strides(out, 2), _ptr(last), _ptr(saved), _ptr(dts), _seq_strides(dts, 3), _ptr(w32),
+    )
+    _check(status, "forward", d_state, rank)
 
 
 def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, saved,

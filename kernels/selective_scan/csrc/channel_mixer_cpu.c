@@ -85,10 +85,11 @@ static void cm_direction(const ChannelParams *p, int r, int64_t E, int64_t N, in
                          float (*vbuf)[LANES], float (*ybuf)[LANES], int accumulate,
                          float *hs, float *decays, float (*xs)[LANES], float (*dts)[LANES],
                          float (*vdts)[LANES], float (*pres)[LANES]) {
-  float h[CM_MAX_STATE][LANES], a[CM_MAX_STATE];
+  float h[CM_MAX_STATE][LANES], a2[CM_MAX_STATE];
   for (int64_t n = 0; n < N; n++) {
-    a[n] = p->A[r * N + n];
-    for (int j = 0; j < LANES; j++) h[n][j] = is_nan_bits(a[n]) ? a[n] : 0.0f;  /* NaN in A stays visible */
+    const float an = p->A[r * N + n];
+    a2[n] = an * LOG2E_F;  /* decay exp(dt * a) = 2^(dt * a2), as in the scan kernels */
+    for (int j = 0; j < LANES; j++) h[n][j] = is_nan_bits(an) ? an : 0.0f;  /* NaN in A stays visible */
   }
   const float dw = p->delta_w[r], dskip = p->D[r];
   for (int64_t s = 0; s < E; s++) {
@@ -111,8 +112,9 @@ static void cm_direction(const ChannelParams *p, int r, int64_t E, int64_t N, in
       float *hrec = hs ? hs + (s * N + n) * LANES : NULL;
       float *erec = decays ? decays + (s * N + n) * LANES : NULL;
       float e[LANES];
+      for (int j = 0; j < LANES; j++) e[j] = dt[j] * a2[n];
+      exp2_lanes(e, e);
       for (int j = 0; j < LANES; j++) {
-        e[j] = exp_vec(dt[j] * a[n]);
         float hn = e[j] * h[n][j] + dtx[j] * (x[j] * bw + bb);
         h[n][j] = hn;
         y[j] += hn * (x[j] * cw + cb);

@@ -9,9 +9,10 @@
  * them (LANES = 32: two AVX-512 registers). When all rows of a tile share one (batch, group), B/C are
  * loaded once per step and broadcast; otherwise each lane gathers its own (e.g. dim = 1).
  *
- * Numerics: the exponential is evaluated only on clamped arguments by exp_vec (Cody-Waite range
- * reduction + degree-7 polynomial, relative error ~2e-7), written so that it vectorises without
- * -ffast-math (which would set flush-to-zero for the whole process on some toolchains).
+ * Numerics: the decays exp(dt * a) are 2^(dt * a * log2(e)) by exp2_lanes (AVX-512: round + degree-6
+ * polynomial + vscalefps; elsewhere the same polynomial with a float-shifter reduction, clamped), the
+ * softplus by exp_vec/log_vec; all written so that they vectorise without -ffast-math (which would set
+ * flush-to-zero for the whole process on some toolchains). Relative error of each ~1e-7.
  *
  * The state entering every chunk of CHUNK steps (scan order) is written to `saved`
  * (rows, n_chunks, N); backward recomputes one chunk's states from there into a small buffer and walks
@@ -30,8 +31,11 @@
 #endif
 
 #define MAX_STATE 64  /* largest N (d_state); checked by cpu_backend.py */
+#define MAX_DT_RANK 64  /* largest rank of a low-rank step-size input (forward only); checked by cpu_backend.py */
 
 #define PREFETCH_AHEAD 8
+#define STEP_BLOCK 16  /* forward: steps whose element-wise prologue runs ahead of their recurrence */
+#define TILE_GROUP 8   /* forward: tiles walked together through each block of steps */
 #if defined(__GNUC__) || defined(__clang__)
 #define PREFETCH(p) __builtin_prefetch(p)
 #else
@@ -40,7 +44,7 @@
 
 /* ---- shape / flag vector (mirrors cpu_backend.py) ---- */
 enum { S_BATCH, S_DIM, S_GROUPS, S_L1, S_L2, S_N, S_CHUNK, S_THREADS, S_SOFTPLUS, S_REVERSE, S_BC_STEP_MAJOR,
-       S_COUNT };
+       S_DT_RANK, S_ACCUMULATE, S_COUNT };
 /* sequence strides: b, d, s1, s2;  B/C strides: b, g, n, s1, s2 */
 enum { Q_B, Q_D, Q_1, Q_2 };
 enum { P_B, P_G, P_N, P_1, P_2 };
@@ -132,17 +136,24 @@ static inline void store_lanes(float *p, const int64_t *base, int64_t toff, int6
   }
 }
 
-/* Prefetches the step (p1, p2) inputs of a tile's first lane (the others share its cache lines when
-   the lanes are consecutive channels). */
+/* Prefetches a tile's row of a sequence tensor at step (p1, p2): the first and the last lane, i.e. both
+   cache lines of 32 consecutive channels (the adjacent-line prefetcher does not follow column routes). */
+static inline void prefetch_lanes(const float *p, const int64_t *st, int64_t base, int64_t p1, int64_t p2) {
+  const float *q = p + base + seq_step(st, p1, p2);
+  PREFETCH(q);
+  PREFETCH(q + (LANES - 1) * st[Q_D]);
+}
+
+/* Prefetches the step (p1, p2) inputs of a tile (lane 0's B/C: shared by the tile when it broadcasts). */
 static inline void prefetch_step(const float *u, const int64_t *su, int64_t bu, const float *delta,
                                  const int64_t *sdl, int64_t bd, const float *Bm, const int64_t *sB, int64_t bb,
                                  const float *Cm, const int64_t *sC, int64_t bc, const float *z,
                                  const int64_t *sz, int64_t bz, int64_t p1, int64_t p2) {
-  PREFETCH(u + bu + seq_step(su, p1, p2));
-  PREFETCH(delta + bd + seq_step(sdl, p1, p2));
+  prefetch_lanes(u, su, bu, p1, p2);
+  if (delta) prefetch_lanes(delta, sdl, bd, p1, p2);
   PREFETCH(Bm + bb + p1 * sB[P_1] + p2 * sB[P_2]);
   PREFETCH(Cm + bc + p1 * sC[P_1] + p2 * sC[P_2]);
-  if (z) PREFETCH(z + bz + seq_step(sz, p1, p2));
+  if (z) prefetch_lanes(z, sz, bz, p1, p2);
 }
 
 static inline int64_t bc_base(const int64_t *st, const Tile *tl, int j) {
@@ -190,98 +201,213 @@ static int thread_count(const int64_t *shape) {
 /* forward                                                                                         */
 /* --------------------------------------------------------------------------------------------- */
 
+/* One tile's constants in the forward: lane bookkeeping, base offsets, per-channel parameters. */
+typedef struct {
+  Tile tl;
+  int64_t bu[LANES], bd[LANES], bz[LANES], bo[LANES], bb[LANES], bc[LANES], br[LANES];
+  float dskip[LANES], dbias[LANES];
+} FwdTile;
+
+typedef struct {  /* the forward's arguments */
+  const float *u, *delta, *A, *Bm, *Cm, *Dv, *z, *bias, *init, *dts, *dt_w;
+  const int64_t *su, *sdl, *sB, *sC, *sz, *so, *sdr;
+  float *out, *last, *saved;
+  int64_t rank;
+  int accumulate;
+} FwdArgs;
+
+/* Per-tile setup: offsets, D, Δ bias, a * log2(e), the low-rank Δ weights and the initial state. */
+static void fwd_tile_setup(const Geometry *g, const FwdArgs *f, int64_t tile, FwdTile *ft, float *h, float *a2,
+                           float *w) {
+  Tile *tl = &ft->tl;
+  make_tile(g, tile, tl);
+  for (int j = 0; j < LANES; j++) {
+    ft->bu[j] = seq_base(f->su, tl, j);
+    ft->bd[j] = f->rank ? 0 : seq_base(f->sdl, tl, j);
+    ft->br[j] = f->rank ? tl->bc_b[j] * f->sdr[P_B] : 0;
+    ft->bz[j] = f->z ? seq_base(f->sz, tl, j) : 0;
+    ft->bo[j] = seq_base(f->so, tl, j);
+    ft->bb[j] = bc_base(f->sB, tl, j);
+    ft->bc[j] = bc_base(f->sC, tl, j);
+    ft->dskip[j] = f->Dv ? f->Dv[tl->d[j]] : 0.0f;
+    ft->dbias[j] = f->bias ? f->bias[tl->d[j]] : 0.0f;
+    for (int64_t r = 0; r < f->rank; r++) w[r * LANES + j] = f->dt_w[tl->d[j] * f->rank + r];
+    for (int64_t n = 0; n < g->N; n++) {
+      const float an = f->A[tl->d[j] * g->N + n];
+      a2[n * LANES + j] = an * LOG2E_F;  /* decay exp(dt * a) = 2^(dt * a2) */
+      h[n * LANES + j] = f->init ? f->init[tl->row[j] * g->N + n] : 0.0f;
+      if (is_nan_bits(an)) h[n * LANES + j] = an;  /* a NaN in A reaches the output (exp clamps would not) */
+    }
+  }
+}
+
+/* Steps [s0, s0 + nb) of one tile: element-wise prologue, recurrence, gate/store epilogue.
+ * The prologue's steps are independent, so the out-of-order core overlaps them; inside the recurrence
+ * each step's softplus latency would otherwise stall all N state updates behind it. */
+static void fwd_tile_block(const Geometry *g, const FwdArgs *f, const FwdTile *ft, float *h, const float *a2,
+                           const float *w, int64_t s0, int64_t nb, int64_t save_at) {
+  const Tile *tl = &ft->tl;
+  float dtb[STEP_BLOCK][LANES], dtxb[STEP_BLOCK][LANES], yb[STEP_BLOCK][LANES];
+  int64_t tb1[STEP_BLOCK], tb2[STEP_BLOCK];
+  int64_t t1, t2, p1, p2;  /* the step to load, and the step PREFETCH_AHEAD later */
+  cursor_set(g, s0, &t1, &t2);
+  cursor_set(g, s0 + PREFETCH_AHEAD < g->L ? s0 + PREFETCH_AHEAD : g->L - 1, &p1, &p2);
+  for (int64_t i = 0; i < nb; i++, cursor_move(g, 1, &t1, &t2)) {
+    if (s0 + i + PREFETCH_AHEAD < g->L) {
+      /* routes over 2-D maps jump by a whole row or column per step: too far for the hardware prefetcher */
+      prefetch_step(f->u, f->su, ft->bu[0], f->rank ? NULL : f->delta, f->sdl, ft->bd[0], f->Bm, f->sB, ft->bb[0],
+                    f->Cm, f->sC, ft->bc[0], f->z, f->sz, ft->bz[0], p1, p2);
+      if (f->rank) PREFETCH(f->dts + ft->br[0] + p1 * f->sdr[P_1] + p2 * f->sdr[P_2]);
+      if (f->accumulate) prefetch_lanes(f->out, f->so, ft->bo[0], p1, p2);
+      cursor_move(g, 1, &p1, &p2);
+    }
+    tb1[i] = t1;
+    tb2[i] = t2;
+    float x[LANES], v[LANES];
+    load_lanes(f->u, ft->bu, seq_step(f->su, t1, t2), f->su[Q_D], tl->same_batch, x);
+    if (f->rank) {  /* v = dts . w: the low-rank step-size input */
+      const int64_t toff = t1 * f->sdr[P_1] + t2 * f->sdr[P_2];
+      for (int j = 0; j < LANES; j++) v[j] = ft->dbias[j];
+      for (int64_t r = 0; r < f->rank; r++) {
+        const float *wr = w + r * LANES;
+        if (tl->same_batch) {
+          const float dr = f->dts[ft->br[0] + r * f->sdr[P_N] + toff];
+          for (int j = 0; j < LANES; j++) v[j] += dr * wr[j];
+        } else {
+          for (int j = 0; j < LANES; j++) v[j] += f->dts[ft->br[j] + r * f->sdr[P_N] + toff] * wr[j];
+        }
+      }
+    } else {
+      load_lanes(f->delta, ft->bd, seq_step(f->sdl, t1, t2), f->sdl[Q_D], tl->same_batch, v);
+      for (int j = 0; j < LANES; j++) v[j] += ft->dbias[j];
+    }
+    step_sizes(g->softplus, v, dtb[i]);
+    for (int j = 0; j < LANES; j++) {
+      dtxb[i][j] = dtb[i][j] * x[j];
+      yb[i][j] = ft->dskip[j] * x[j];
+    }
+  }
+  float bv[MAX_STATE][LANES], cv[MAX_STATE][LANES];
+  for (int64_t i = 0; i < nb; i++) {
+    const int64_t s = s0 + i;
+    if (s == save_at) {  /* the state entering chunk s / chunk */
+      save_at += g->chunk;
+      const int64_t c = s / g->chunk;
+      for (int j = 0; j < LANES; j++)
+        if (tl->valid[j])
+          for (int64_t n = 0; n < g->N; n++) f->saved[(tl->row[j] * g->n_chunks + c) * g->N + n] = h[n * LANES + j];
+    }
+    const float *dt = dtb[i], *dtx = dtxb[i];
+    float *y = yb[i];
+    if (tl->shared) {  /* one B/C value per step, broadcast over the lanes */
+      const int64_t ob = ft->bb[0] + tb1[i] * f->sB[P_1] + tb2[i] * f->sB[P_2];
+      const int64_t oc = ft->bc[0] + tb1[i] * f->sC[P_1] + tb2[i] * f->sC[P_2];
+      /* four partial sums: one running sum over n would be a serial dependency chain */
+      float yp[4][LANES] = {{0.0f}};
+      for (int64_t n = 0; n < g->N; n++) {
+        const float bn = f->Bm[ob + n * f->sB[P_N]], cn = f->Cm[oc + n * f->sC[P_N]];
+        float *hn_ = h + n * LANES;
+        const float *an_ = a2 + n * LANES;
+        float e[LANES];
+        for (int j = 0; j < LANES; j++) e[j] = dt[j] * an_[j];
+        exp2_lanes(e, e);
+        for (int j = 0; j < LANES; j++) {
+          float hn = e[j] * hn_[j] + dtx[j] * bn;
+          hn_[j] = hn;
+          yp[n & 3][j] += hn * cn;
+        }
+      }
+      for (int j = 0; j < LANES; j++) y[j] += (yp[0][j] + yp[1][j]) + (yp[2][j] + yp[3][j]);
+    } else {
+      load_bc(g, tl, f->Bm, f->sB, ft->bb, tb1[i], tb2[i], bv);
+      load_bc(g, tl, f->Cm, f->sC, ft->bc, tb1[i], tb2[i], cv);
+      for (int64_t n = 0; n < g->N; n++) {
+        float *hn_ = h + n * LANES;
+        const float *an_ = a2 + n * LANES;
+        float e[LANES];
+        for (int j = 0; j < LANES; j++) e[j] = dt[j] * an_[j];
+        exp2_lanes(e, e);
+        for (int j = 0; j < LANES; j++) {
+          float hn = e[j] * hn_[j] + dtx[j] * bv[n][j];
+          hn_[j] = hn;
+          y[j] += hn * cv[n][j];
+        }
+      }
+    }
+  }
+  for (int64_t i = 0; i < nb; i++) {  /* epilogue: gate, accumulate, store */
+    float *y = yb[i];
+    if (f->z) {
+      float zz[LANES];
+      load_lanes(f->z, ft->bz, seq_step(f->sz, tb1[i], tb2[i]), f->sz[Q_D], tl->same_batch, zz);
+      for (int j = 0; j < LANES; j++) y[j] *= zz[j] * sigmoid_vec(zz[j]);
+    }
+    if (f->accumulate) {
+      float prev[LANES];
+      load_lanes(f->out, ft->bo, seq_step(f->so, tb1[i], tb2[i]), f->so[Q_D], tl->same_batch, prev);
+      for (int j = 0; j < LANES; j++) y[j] += prev[j];
+    }
+    store_lanes(f->out, ft->bo, seq_step(f->so, tb1[i], tb2[i]), f->so[Q_D], tl, y);
+  }
+}
+
+/* Forward. Two optional extensions (forward only, used by the 2-D cross-scan's inference path):
+ * - low-rank step sizes (shape[S_DT_RANK] = R > 0): instead of `delta`, the step-size input of channel d
+ *   is sum_r dts[b, r, t] * dt_w[d, r], with dts addressed like B (strides b, -, r, s1, s2). This is the
+ *   Δ projection of Mamba's x_proj/dt_proj fused into the scan: the (batch, dim, L) Δ is never stored.
+ * - shape[S_ACCUMULATE]: out += y instead of out = y (routes of a cross-scan summed in place).
+ *
+ * Tiles are walked in groups of up to TILE_GROUP, block of STEP_BLOCK steps by block: the tiles of a
+ * group read the same steps' B/C/Δ cache lines and pages one after another, so a long 2-D route costs
+ * one set of cache and TLB misses per step per group instead of per tile. */
 int vim2_scan_fwd(const int64_t *shape,
                   const float *u, const int64_t *su, const float *delta, const int64_t *sdl,
                   const float *A, const float *Bm, const int64_t *sB, const float *Cm, const int64_t *sC,
                   const float *Dv, const float *z, const int64_t *sz, const float *bias, const float *init,
-                  float *out, const int64_t *so, float *last, float *saved) {
+                  float *out, const int64_t *so, float *last, float *saved,
+                  const float *dts, const int64_t *sdr, const float *dt_w) {
   const Geometry g = geometry(shape);
+  const FwdArgs f = {u, delta, A, Bm, Cm, Dv, z, bias, init, dts, dt_w, su, sdl, sB, sC, sz, so, sdr,
+                     out, last, saved, shape[S_DT_RANK], (int)shape[S_ACCUMULATE]};
   if (g.N > MAX_STATE) return 3;
+  if (f.rank > MAX_DT_RANK) return 4;
   const int64_t n_tiles = (g.rows + LANES - 1) / LANES;
   const int nthreads = thread_count(shape);
+  /* as many tiles per group as keeps every thread busy, at most TILE_GROUP */
+  int64_t per_group = (n_tiles + nthreads - 1) / nthreads;
+  per_group = per_group < 1 ? 1 : (per_group > TILE_GROUP ? TILE_GROUP : per_group);
+  const int64_t n_groups = (n_tiles + per_group - 1) / per_group;
+  const int64_t state_floats = g.N * LANES, weight_floats = (f.rank ? f.rank : 1) * LANES;
   int failed = 0;
   (void)nthreads;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-  for (int64_t tile = 0; tile < n_tiles; tile++) {
-    Tile tl;
-    make_tile(&g, tile, &tl);
-    /* fixed-size arrays: the compiler then knows they do not alias (N <= MAX_STATE, checked) */
-    float h[MAX_STATE][LANES], a[MAX_STATE][LANES], bv[MAX_STATE][LANES], cv[MAX_STATE][LANES];
-    float dskip[LANES], dbias[LANES];
-    int64_t bu[LANES], bd[LANES], bz[LANES], bo[LANES], bb[LANES], bc[LANES];
-    for (int j = 0; j < LANES; j++) {
-      bu[j] = seq_base(su, &tl, j);
-      bd[j] = seq_base(sdl, &tl, j);
-      bz[j] = z ? seq_base(sz, &tl, j) : 0;
-      bo[j] = seq_base(so, &tl, j);
-      bb[j] = bc_base(sB, &tl, j);
-      bc[j] = bc_base(sC, &tl, j);
-      dskip[j] = Dv ? Dv[tl.d[j]] : 0.0f;
-      dbias[j] = bias ? bias[tl.d[j]] : 0.0f;
-      for (int64_t n = 0; n < g.N; n++) {
-        a[n][j] = A[tl.d[j] * g.N + n];
-        h[n][j] = init ? init[tl.row[j] * g.N + n] : 0.0f;
-        if (is_nan_bits(a[n][j])) h[n][j] = a[n][j];  /* a NaN in A reaches the output (exp clamps would not) */
-      }
+  for (int64_t group = 0; group < n_groups; group++) {
+    const int64_t first = group * per_group;
+    const int64_t count = n_tiles - first < per_group ? n_tiles - first : per_group;
+    FwdTile *ft = malloc(sizeof(FwdTile) * (size_t)count);
+    float *buf = malloc(sizeof(float) * (size_t)(count * (2 * state_floats + weight_floats)));
+    if (!ft || !buf) {
+      failed = 1;
+      free(ft);
+      free(buf);
+      continue;
     }
-    int64_t t1, t2, p1, p2;  /* this step, and the step PREFETCH_AHEAD later */
-    cursor_set(&g, 0, &t1, &t2);
-    cursor_set(&g, PREFETCH_AHEAD < g.L ? PREFETCH_AHEAD : g.L - 1, &p1, &p2);
-    for (int64_t s = 0, c = 0, to_save = 0; s < g.L; s++, to_save--, cursor_move(&g, 1, &t1, &t2)) {
-      if (s + PREFETCH_AHEAD < g.L) {
-        /* routes over 2-D maps jump by a whole row or column per step: too far for the hardware prefetcher */
-        prefetch_step(u, su, bu[0], delta, sdl, bd[0], Bm, sB, bb[0], Cm, sC, bc[0], z, sz, bz[0], p1, p2);
-        cursor_move(&g, 1, &p1, &p2);
-      }
-      if (to_save == 0) {  /* the state entering chunk c */
-        to_save = g.chunk;
-        for (int j = 0; j < LANES; j++)
-          if (tl.valid[j])
-            for (int64_t n = 0; n < g.N; n++) saved[(tl.row[j] * g.n_chunks + c) * g.N + n] = h[n][j];
-        c++;
-      }
-      float x[LANES], v[LANES], dt[LANES], dtx[LANES], y[LANES];
-      load_lanes(u, bu, seq_step(su, t1, t2), su[Q_D], tl.same_batch, x);
-      load_lanes(delta, bd, seq_step(sdl, t1, t2), sdl[Q_D], tl.same_batch, v);
-      for (int j = 0; j < LANES; j++) v[j] += dbias[j];
-      step_sizes(g.softplus, v, dt);
-      for (int j = 0; j < LANES; j++) {
-        dtx[j] = dt[j] * x[j];
-        y[j] = dskip[j] * x[j];
-      }
-      if (tl.shared) {  /* one B/C value per step, broadcast over the lanes */
-        const int64_t ob = bb[0] + t1 * sB[P_1] + t2 * sB[P_2], oc = bc[0] + t1 * sC[P_1] + t2 * sC[P_2];
-        /* four partial sums: one running sum over n would be a serial dependency chain */
-        float yp[4][LANES] = {{0.0f}};
-        for (int64_t n = 0; n < g.N; n++) {
-          const float bn = Bm[ob + n * sB[P_N]], cn = Cm[oc + n * sC[P_N]];
-          for (int j = 0; j < LANES; j++) {
-            float hn = exp_vec(dt[j] * a[n][j]) * h[n][j] + dtx[j] * bn;
-            h[n][j] = hn;
-            yp[n & 3][j] += hn * cn;
-          }
-        }
-        for (int j = 0; j < LANES; j++) y[j] += (yp[0][j] + yp[1][j]) + (yp[2][j] + yp[3][j]);
-      } else {
-        load_bc(&g, &tl, Bm, sB, bb, t1, t2, bv);
-        load_bc(&g, &tl, Cm, sC, bc, t1, t2, cv);
-        for (int64_t n = 0; n < g.N; n++)
-          for (int j = 0; j < LANES; j++) {
-            float hn = exp_vec(dt[j] * a[n][j]) * h[n][j] + dtx[j] * bv[n][j];
-            h[n][j] = hn;
-            y[j] += hn * cv[n][j];
-          }
-      }
-      if (z) {
-        float zz[LANES];
-        load_lanes(z, bz, seq_step(sz, t1, t2), sz[Q_D], tl.same_batch, zz);
-        for (int j = 0; j < LANES; j++) y[j] *= zz[j] * sigmoid_vec(zz[j]);
-      }
-      store_lanes(out, bo, seq_step(so, t1, t2), so[Q_D], &tl, y);
+    float *h = buf, *a2 = h + count * state_floats, *w = a2 + count * state_floats;
+    for (int64_t k = 0; k < count; k++)
+      fwd_tile_setup(&g, &f, first + k, &ft[k], h + k * state_floats, a2 + k * state_floats, w + k * weight_floats);
+    for (int64_t s0 = 0, save_at = 0; s0 < g.L; s0 += STEP_BLOCK) {
+      const int64_t nb = g.L - s0 < STEP_BLOCK ? g.L - s0 : STEP_BLOCK;
+      for (int64_t k = 0; k < count; k++)
+        fwd_tile_block(&g, &f, &ft[k], h + k * state_floats, a2 + k * state_floats, w + k * weight_floats,
+                       s0, nb, save_at);
+      while (save_at < s0 + nb) save_at += g.chunk;
     }
-    for (int j = 0; j < LANES; j++)
-      if (tl.valid[j])
-        for (int64_t n = 0; n < g.N; n++) last[tl.row[j] * g.N + n] = h[n][j];
+    for (int64_t k = 0; k < count; k++)
+      for (int j = 0; j < LANES; j++)
+        if (ft[k].tl.valid[j])
+          for (int64_t n = 0; n < g.N; n++) last[ft[k].tl.row[j] * g.N + n] = h[k * state_floats + n * LANES + j];
+    free(ft);
+    free(buf);
   }
   return failed ? 2 : 0;
 }
@@ -328,7 +454,8 @@ int vim2_scan_bwd(const int64_t *shape,
     if (!scratch) { failed = 1; continue; }
     float (*hs)[MAX_STATE][LANES] = (float (*)[MAX_STATE][LANES])scratch;
     float (*decays)[MAX_STATE][LANES] = hs + g.chunk;
-    float h0[MAX_STATE][LANES], a[MAX_STATE][LANES], G[MAX_STATE][LANES], dAacc[MAX_STATE][LANES];
+    float h0[MAX_STATE][LANES], a[MAX_STATE][LANES], a2[MAX_STATE][LANES], G[MAX_STATE][LANES];
+    float dAacc[MAX_STATE][LANES];
     float bv[MAX_STATE][LANES], cv[MAX_STATE][LANES];
     float dskip[LANES], dbias[LANES], dDacc[LANES], dbacc[LANES], vmask[LANES];
     int64_t bu[LANES], bd[LANES], bz[LANES], bdo[LANES], bdu[LANES], bdd[LANES], bdz[LANES], bb[LANES], bc[LANES];
@@ -351,6 +478,7 @@ int vim2_scan_bwd(const int64_t *shape,
       vmask[j] = tl.valid[j] ? 1.0f : 0.0f;
       for (int64_t n = 0; n < g.N; n++) {
         a[n][j] = A[tl.d[j] * g.N + n];
+        a2[n][j] = a[n][j] * LOG2E_F;  /* as in the forward: the recomputed states match it bit for bit */
         G[n][j] = dlast ? dlast[tl.row[j] * g.N + n] : 0.0f;
         dAacc[n][j] = 0.0f;
       }
@@ -381,20 +509,17 @@ int vim2_scan_bwd(const int64_t *shape,
           const int64_t ob = bb[0] + t1 * sB[P_1] + t2 * sB[P_2];
           for (int64_t n = 0; n < g.N; n++) {
             const float bn = Bm[ob + n * sB[P_N]];
-            for (int j = 0; j < LANES; j++) {
-              float e = exp_vec(dt[j] * a[n][j]);
-              ek[n][j] = e;
-              hk[n][j] = e * prev[n][j] + dtx[j] * bn;
-            }
+            for (int j = 0; j < LANES; j++) ek[n][j] = dt[j] * a2[n][j];
+            exp2_lanes(ek[n], ek[n]);
+            for (int j = 0; j < LANES; j++) hk[n][j] = ek[n][j] * prev[n][j] + dtx[j] * bn;
           }
         } else {
           load_bc(&g, &tl, Bm, sB, bb, t1, t2, bv);
-          for (int64_t n = 0; n < g.N; n++)
-            for (int j = 0; j < LANES; j++) {
-              float e = exp_vec(dt[j] * a[n][j]);
-              ek[n][j] = e;
-              hk[n][j] = e * prev[n][j] + dtx[j] * bv[n][j];
-            }
+          for (int64_t n = 0; n < g.N; n++) {
+            for (int j = 0; j < LANES; j++) ek[n][j] = dt[j] * a2[n][j];
+            exp2_lanes(ek[n], ek[n]);
+            for (int j = 0; j < LANES; j++) hk[n][j] = ek[n][j] * prev[n][j] + dtx[j] * bv[n][j];
+          }
         }
       }
       /* walk the chunk backwards */
