@@ -51,10 +51,14 @@ class ScanCounter:
         self.flops = 0
 
     def cross_scan_2d(self, u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True,
-                      routes=vim2_kernels.ROUTES, *, backend=None):
+                      routes=vim2_kernels.ROUTES, *, delta_proj_weight=None, backend=None):
         batch, height, width, dim = u.shape
         num_routes, _, d_state = A.shape
         self.flops += num_routes * scan_flops(batch, dim, height * width, d_state)
+        if delta_proj_weight is not None:
+            # the Δ projection (dt_proj) runs inside the scan's kernel; the same einsum on the meta
+            # device lets the FLOP counter count it as the dense matmul it is
+            torch.einsum('bhwkr,kdr->bhwkd', delta, delta_proj_weight)
         self.flops += (num_routes - 1) * batch * height * width * dim  # summing the routes
         return torch.zeros_like(u)
 

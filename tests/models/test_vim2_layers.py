@@ -259,3 +259,47 @@ def test_weighted_averaging_starts_as_sequential_residual_stack():
 def test_channel_mixer_pairing_argument(every, expected):
     model = ViM2(embed_dims=(8,), depths=(3,), d_state=2, channel_mixer_every=every, num_classes=0)
     assert [block.kind for block in model.stages[0].blocks] == expected
+
+
+# ------------------------------------------------------------------------------ inference memory path
+
+def test_map_token_chunks_equals_one_call():
+    from vim2.layers.inplace import map_token_chunks
+    x, y = torch.randn(23, 5), torch.randn(23, 2)
+
+    def fn(a, b):
+        return torch.cat([a.sum(-1, keepdim=True), b * 2], dim=-1)
+
+    for chunk in (1, 4, 7, 23, 100):
+        torch.testing.assert_close(map_token_chunks(fn, x, y, chunk=chunk), fn(x, y))
+
+
+@pytest.mark.parametrize('name', ['test_vim2', 'vim2_mlp'])
+def test_inference_path_matches_autograd_path(name, monkeypatch):
+    """Without autograd the mixers overwrite intermediates, chunk their per-token parts (TOKEN_CHUNK
+    forced to a ragged 37 here) and the cpu scan fuses the Δ projection and the route sum: same outputs
+    as the autograd path, and that path is still differentiable."""
+    import timm
+    import vim2.layers.inplace as inplace
+
+    monkeypatch.setattr(inplace, 'TOKEN_CHUNK', 37)
+    kwargs = dict(embed_dims=(16, 32, 32, 32), depths=(2, 2, 1, 1)) if name == 'vim2_mlp' else {}
+    model = timm.create_model(name, num_classes=5, **kwargs).eval()
+    with torch.no_grad():  # non-trivial weighted averaging, so every earlier output matters
+        for module in model.modules():
+            if isinstance(module, WeightedInputAverage):
+                module.weight.uniform_(0.2, 1.0)
+    x = torch.randn(2, 3, 70, 45)
+    with_graph = model(x)
+    with torch.inference_mode():
+        without_graph = model(x)
+    torch.testing.assert_close(without_graph, with_graph.detach(), rtol=1e-4, atol=1e-4)
+    with_graph.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    # inputs are not modified in place by the inference path
+    y = torch.randn(1, 8, 9, 16)
+    mixer = SelectiveTokenMixer(16, d_state=4)
+    before = y.clone()
+    with torch.no_grad():
+        mixer(y)
+    assert torch.equal(y, before)

@@ -29,6 +29,7 @@ from torch import nn
 
 import vim2_kernels
 
+from .inplace import can_overwrite, map_token_chunks
 from .token_mixer import init_a_log, init_dt_bias
 
 __all__ = ['SelectiveChannelMixer']
@@ -120,16 +121,21 @@ class SelectiveChannelMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, C) -> (B, H, W, C)."""
-        batch, height, width, _ = x.shape
-        num_tokens = batch * height * width
-        v = self.in_proj(x).reshape(num_tokens, self.hidden_dim)
-        z = self.gate_proj(x).reshape(num_tokens, self.hidden_dim)
+        tokens = x.reshape(-1, self.dim)
+        # Every token is mixed on its own: without autograd, chunks of tokens at a time (inference peak)
+        mix = map_token_chunks if can_overwrite(x, self.parameters()) else (lambda fn, t: fn(t))
+        return mix(self._mix_tokens, tokens).view(*x.shape[:-1], -1)
+
+    def _mix_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(tokens, C) -> (tokens, C)."""
+        v = self.in_proj(x)
+        z = self.gate_proj(x)
         y = vim2_kernels.channel_mixer_scan(
             v, z.to(v.dtype), self.conv_weight, self.conv_bias, self.delta_weight, self.delta_bias,
             self.B_weight, self.B_bias, self.C_weight, self.C_bias,
             -torch.exp(self.A_log.float()), self.D.float(), backend=self.scan_backend,
         )
-        return self.out_proj(y.reshape(batch, height, width, self.hidden_dim))
+        return self.out_proj(y)
 
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, hidden_dim={self.hidden_dim}, d_state={self.d_state}, d_conv={self.d_conv}, '

@@ -2,7 +2,7 @@
 
 Data flow for a channels-last map ``x`` of shape (B, H, W, C), with ``d_inner = ssm_expand * C``::
 
-    x, z   = in_proj(x).chunk(2)                    # (B, H, W, d_inner) each
+    x, z   = in_proj(x).chunk(2)                    # (B, H, W, d_inner) each (two matmuls, z after the scan)
     x      = SiLU(depth-wise 3x3 Conv2d(x))         # on the 2-D map, not a flattened sequence
     dt, Bs, Cs = x_proj[k](x) for each route k      # per-token maps, all routes in one matmul
     delta  = dt_proj[k](dt)                         # (B, H, W, K, d_inner), inside cross_scan_2d
@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import vim2_kernels
+
+from .inplace import can_overwrite, map_token_chunks
 
 __all__ = ['SelectiveTokenMixer', 'resolve_dt_rank', 'init_dt_bias', 'init_a_log']
 
@@ -134,20 +136,24 @@ class SelectiveTokenMixer(nn.Module):
         """x: (B, H, W, C) -> (B, H, W, C)."""
         batch, height, width, _ = x.shape
         num_routes = len(self.routes)
-        x, z = self.in_proj(x).chunk(2, dim=-1)
+        inplace = can_overwrite(x, self.parameters())
+        # in_proj as its two halves: the scan branch comes out contiguous (no copy for the conv) and
+        # the gate branch is only computed (and held) after the scan
+        in_weight_x, in_weight_z = self.in_proj.weight.chunk(2, dim=0)
+        u = F.linear(x, in_weight_x)
         # The NCHW view of a NHWC tensor is channels-last; the conv keeps that layout, so the
         # permute back is (close to) free.
-        x = self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        x = F.silu(x)
+        u = self.conv(u.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        u = F.silu(u, inplace=inplace)
 
         # All routes' Δ/B/C projections in one matmul: (B, H, W, d_inner) -> (B, H, W, K, R + 2N).
-        x_dbl = F.linear(x, self.x_proj_weight.reshape(-1, self.d_inner))
+        x_dbl = F.linear(u, self.x_proj_weight.reshape(-1, self.d_inner))
         x_dbl = x_dbl.view(batch, height, width, num_routes, -1)
         dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
 
         # Δ = dt_proj(dts) is applied inside the scan (fused on the cpu inference path; see cross_scan_2d)
         y = vim2_kernels.cross_scan_2d(
-            x,
+            u,
             dts,
             -torch.exp(self.A_log.float()),
             Bs,
@@ -159,7 +165,22 @@ class SelectiveTokenMixer(nn.Module):
             delta_proj_weight=self.dt_proj_weight,
             backend=self.scan_backend,
         )
-        y = self.out_norm(y) * F.silu(z)
+        if not inplace:
+            return self._gate_and_project(y, x, in_weight_z)
+        # without autograd: the scan's inputs are freed and the per-token rest runs on chunks of tokens
+        del u, x_dbl, dts, Bs, Cs
+        out = map_token_chunks(
+            lambda y_, x_: self._gate_and_project(y_, x_, in_weight_z, inplace=True),
+            y.reshape(-1, self.d_inner), x.reshape(-1, self.dim),
+        )
+        return out.view(batch, height, width, -1)
+
+    def _gate_and_project(self, y: torch.Tensor, x: torch.Tensor, in_weight_z: torch.Tensor,
+                          inplace: bool = False) -> torch.Tensor:
+        """out_proj(LayerNorm(y) * SiLU(z)) with the gate z = in_proj_z(x); per token."""
+        y = self.out_norm(y)
+        z = F.linear(x, in_weight_z)
+        y = y.mul_(F.silu(z, inplace=True)) if inplace else y * F.silu(z)
         return self.out_proj(y)
 
     def extra_repr(self) -> str:

@@ -22,6 +22,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .inplace import can_overwrite
+
 __all__ = ['WeightedInputAverage']
 
 
@@ -52,8 +54,10 @@ class WeightedInputAverage(nn.Module):
             raise ValueError(f'expected {self.num_inputs} earlier outputs, got {len(outputs)}')
         weight = self.weight
         x = outputs[0] * weight[0]
+        inplace = can_overwrite(x, ())
         for j in range(1, self.num_inputs):
-            x = x + outputs[j] * weight[j]
+            # one fused multiply-add per input; in place when no autograd graph is recorded
+            x = x.addcmul_(outputs[j], weight[j]) if inplace else torch.addcmul(x, outputs[j], weight[j])
         return x
 
     def extra_repr(self) -> str:

@@ -29,6 +29,7 @@ from timm.models._features import feature_take_indices
 
 import vim2_kernels
 from vim2.layers import SelectiveChannelMixer, SelectiveTokenMixer, WeightedInputAverage
+from vim2.layers.inplace import can_overwrite
 from vim2.weights import pretrained_errors_explained
 
 __all__ = ['ViM2', 'ARCH_SETTINGS', 'checkpoint_filter_fn']
@@ -123,7 +124,9 @@ class MixerBlock(nn.Module):
             x = inputs[0]
         else:
             raise ValueError(f'this block has no weighted averaging and takes one input, got {len(inputs)}')
-        return x + self.drop_path(self.mixer(self.norm(x)))
+        y = self.drop_path(self.mixer(self.norm(x)))
+        # without autograd the residual add reuses the mixer's output buffer
+        return y.add_(x) if can_overwrite(y, ()) else x + y
 
 
 class ViM2Stage(nn.Module):

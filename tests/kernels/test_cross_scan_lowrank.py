@@ -1,0 +1,172 @@
+"""cross_scan_2d with a low-rank Δ (``delta_proj_weight``): the fused cpu inference op and the
+differentiable path, against the explicit cross-scan oracle (materialised permutations, float64 loop).
+
+The fused op runs the routes through the C forward with the Δ projection inside and the routes summed
+in place; its tile groups (TILE_GROUP = 8 tiles of 32 channels), partial tiles spanning two batch
+elements and ranks up to the limit are covered by the swept shapes.
+"""
+import pytest
+import torch
+
+import vim2_kernels
+from vim2_kernels import cross_scan_2d
+from vim2_kernels.selective_scan import cpu_backend
+
+from test_api import explicit_cross_scan
+
+needs_cpu_kernel = pytest.mark.skipif(
+    cpu_backend.unavailable_reason(torch.device("cpu")) is not None,
+    reason=f"cpu kernels unavailable: {cpu_backend.unavailable_reason(torch.device('cpu'))}",
+)
+
+
+def lowrank_inputs(batch=2, height=3, width=5, dim=4, d_state=3, rank=2, n_routes=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    f64 = dict(generator=g, dtype=torch.float64)
+    return dict(
+        u=torch.randn(batch, height, width, dim, **f64),
+        dts=torch.randn(batch, height, width, n_routes, rank, **f64),
+        W=torch.randn(n_routes, dim, rank, **f64) * rank ** -0.5,
+        A=-torch.rand(n_routes, dim, d_state, **f64) - 0.1,
+        B=torch.randn(batch, height, width, n_routes, d_state, **f64),
+        C=torch.randn(batch, height, width, n_routes, d_state, **f64),
+        D=torch.randn(n_routes, dim, **f64),
+        delta_bias=torch.randn(n_routes, dim, **f64) * 0.1 - 1.0,
+    )
+
+
+def oracle(x, routes):
+    delta = torch.einsum("bhwkr,kdr->bhwkd", x["dts"], x["W"])
+    return explicit_cross_scan(x["u"], delta, x["A"], x["B"], x["C"], x["D"], x["delta_bias"], routes)
+
+
+def run_lowrank(x, routes, dtype=torch.float32, **kwargs):
+    t = {k: v.to(dtype if k in ("u", "dts", "B", "C") else torch.float32) for k, v in x.items()}
+    return cross_scan_2d(t["u"], t["dts"], t["A"], t["B"], t["C"], t["D"], t["delta_bias"], True, routes,
+                         delta_proj_weight=t["W"], **kwargs)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("batch,height,width,dim,rank", [
+    (1, 1, 1, 1, 1),      # one token, one channel
+    (2, 3, 5, 4, 2),      # a partial tile spanning both batch elements (gathered lanes)
+    (1, 7, 6, 64, 4),     # two full tiles
+    (2, 4, 9, 72, 6),     # 2 x 72 rows: partial tiles inside a batch element
+    (1, 5, 4, 300, 64),   # 10 tiles: two tile groups; the largest fused rank
+    (3, 2, 17, 40, 3),    # groups split differently for several threads
+])
+@pytest.mark.parametrize("routes", [vim2_kernels.ROUTES, ("col_rev",), ("row", "col")])
+def test_fused_inference_matches_oracle(batch, height, width, dim, rank, routes):
+    x = lowrank_inputs(batch, height, width, dim, d_state=5, rank=rank, n_routes=len(routes))
+    with torch.no_grad():
+        got = run_lowrank(x, routes, backend="cpu")
+    torch.testing.assert_close(got.double(), oracle(x, routes), rtol=1e-4, atol=1e-4)
+
+
+@needs_cpu_kernel
+def test_fused_path_is_taken_only_without_autograd(monkeypatch):
+    calls = []
+    real = cpu_backend.scan_forward_lowrank
+    monkeypatch.setattr(cpu_backend, "scan_forward_lowrank", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = lowrank_inputs()
+    with torch.no_grad():
+        fused = run_lowrank(x, vim2_kernels.ROUTES, backend="cpu")
+    assert len(calls) == 4  # one kernel call per route, summed in place
+    calls.clear()
+    u = x["u"].float().requires_grad_(True)
+    t = {k: v.float() for k, v in x.items()}
+    differentiable = cross_scan_2d(u, t["dts"], t["A"], t["B"], t["C"], t["D"], t["delta_bias"],
+                                   delta_proj_weight=t["W"], backend="cpu")
+    assert not calls and differentiable.requires_grad
+    torch.testing.assert_close(differentiable.detach(), fused, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+def test_gradients_flow_through_the_projection(backend):
+    """With autograd, Δ is materialised and every input (the low-rank Δ and its weight included) gets
+    the oracle's gradient."""
+    if backend == "cpu" and cpu_backend.unavailable_reason(torch.device("cpu")) is not None:
+        pytest.skip("cpu kernels unavailable")
+    routes = vim2_kernels.ROUTES
+    x = lowrank_inputs(batch=1, height=3, width=4, dim=5, d_state=3, rank=2)
+    dtype = torch.float32 if backend == "cpu" else torch.float64
+    ref_in = {k: v.clone().requires_grad_(True) for k, v in x.items()}
+    test_in = {k: v.to(dtype if k in ("u", "dts", "B", "C") else (torch.float32 if backend == "cpu" else v.dtype))
+               .clone().requires_grad_(True) for k, v in x.items()}
+    expected = oracle(ref_in, routes)
+    got = cross_scan_2d(test_in["u"], test_in["dts"], test_in["A"], test_in["B"], test_in["C"], test_in["D"],
+                        test_in["delta_bias"], True, routes, delta_proj_weight=test_in["W"], backend=backend)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    got.backward(grad.to(got.dtype))
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else {}
+    for name in x:
+        torch.testing.assert_close(test_in[name].grad.double(), ref_in[name].grad, msg=f"grad of {name}", **tol)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_half_precision_inputs(dtype):
+    x = lowrank_inputs(batch=1, height=4, width=4, dim=40, d_state=4, rank=3)
+    rounded = {k: (v.to(dtype).double() if k in ("u", "dts", "B", "C") else v) for k, v in x.items()}
+    with torch.no_grad():
+        got = run_lowrank(x, vim2_kernels.ROUTES, dtype=dtype, backend="cpu")
+    assert got.dtype == dtype
+    expected = oracle(rounded, vim2_kernels.ROUTES)
+    torch.testing.assert_close(got.double(), expected, rtol=2e-2, atol=5e-2)
+
+
+@needs_cpu_kernel
+def test_rank_above_the_kernel_limit_falls_back_to_a_materialised_delta():
+    x = lowrank_inputs(batch=1, height=2, width=3, dim=4, d_state=2, rank=cpu_backend.MAX_DT_RANK + 1)
+    with torch.no_grad():
+        got = run_lowrank(x, vim2_kernels.ROUTES, backend="cpu")
+    torch.testing.assert_close(got.double(), oracle(x, vim2_kernels.ROUTES), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,bad,match", [
+    ("W", torch.zeros(4, 5, 2), r"delta_proj_weight must have shape \(K, dim, R\) = \(4, 4, R\)"),
+    ("W", torch.zeros(4, 4), r"delta_proj_weight must have shape"),
+    ("dts", torch.zeros(2, 3, 5, 4, 3), r"delta must have shape \(batch, H, W, K, R\) \(low-rank"),
+    ("dts", torch.zeros(2, 3, 5, 4, 2, dtype=torch.int64), r"delta must be a floating-point tensor"),
+])
+def test_bad_low_rank_inputs_name_the_argument(name, bad, match):
+    x = {k: v.float() for k, v in lowrank_inputs().items()}
+    x[name] = bad
+    with pytest.raises((ValueError, TypeError), match=match):
+        cross_scan_2d(x["u"], x["dts"], x["A"], x["B"], x["C"], x["D"], x["delta_bias"],
+                      delta_proj_weight=x["W"])
+
+
+@needs_cpu_kernel
+def test_fused_op_passes_opcheck_and_compiles():
+    x = {k: v.float() for k, v in lowrank_inputs(batch=1, height=3, width=4, dim=36, rank=3).items()}
+    args = (x["u"], x["dts"], x["W"], x["A"], x["B"], x["C"], x["D"], x["delta_bias"], True, "row,col,row_rev,col_rev")
+    torch.library.opcheck(torch.ops.vim2_kernels.cross_scan_lowrank_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+    def step(u, dts, W, A, B, C, D, bias):
+        return cross_scan_2d(u * 2, dts, A, B, C, D, bias, delta_proj_weight=W, backend="cpu").relu()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*args[:8]), step(*args[:8]))
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("threads", [2, 3])
+def test_tile_grouping_does_not_change_results(threads):
+    """Threads change how tiles are grouped (up to 8 per group, fewer to keep every thread busy); each
+    tile's arithmetic is the same, so the outputs are bitwise equal."""
+    x = lowrank_inputs(batch=2, height=5, width=3, dim=200, d_state=4, rank=5)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            single = run_lowrank(x, vim2_kernels.ROUTES, backend="cpu")
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            several = run_lowrank(x, vim2_kernels.ROUTES, backend="cpu")
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(single, several)
