@@ -8,15 +8,15 @@ column-major routes ``(W, H)`` views, so no permuted copies are made here. The t
 views directly; the torch backend copies a column-major view once per route into its own layout.
 
 With ``delta_proj_weight``, Δ is given in low rank (Mamba's ``dt_proj`` applied to the ``dt`` part of
-``x_proj``), as in ``mamba_ssm``'s fused ``mamba_inner_fn``. When no gradient is needed and the ``cpu``
-backend serves the call, one custom op runs the four routes with the projection fused into the C
-kernel and the routes summed in place: neither the (batch, H, W, K, dim) Δ nor a per-route output is
-ever stored. Otherwise Δ is materialised and the differentiable per-route path runs (same numbers up to
-float32 rounding; tested against each other).
+``x_proj``), as in ``mamba_ssm``'s fused ``mamba_inner_fn``. Where the ``cpu`` backend serves the call,
+one custom op runs the routes with the projection fused into the C kernel and the routes summed in
+place: neither the (batch, H, W, K, dim) Δ nor a per-route output is ever stored; its backward
+recomputes one route's Δ at a time. Elsewhere Δ is materialised and the per-route path runs (same
+numbers up to float32 rounding; tested against each other).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -46,30 +46,117 @@ def _check_routes(routes: Sequence[str]) -> tuple:
     return routes
 
 
+def _route_views(route: str, *tensors: Tensor, k: int):
+    """Route k's sequence-contract views: (batch, H, W, X) maps -> (batch, X, L1, L2); per-route
+    (batch, H, W, K, X) tensors -> (batch, 1, X, L1, L2) (one group)."""
+    perm, _ = _ROUTE_LAYOUT[route]
+    return [t.permute(perm) if t.dim() == 4 else t[:, :, :, k].permute(perm).unsqueeze(1) for t in tensors]
+
+
 @torch.library.custom_op("vim2_kernels::cross_scan_lowrank_fwd", mutates_args=())
 def _cross_scan_lowrank_op(
     u: Tensor, dts: Tensor, dt_weight: Tensor, A: Tensor, B: Tensor, C: Tensor,
-    D: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, routes: str,
-) -> Tensor:
-    """Inference-only cpu path of ``cross_scan_2d`` with a low-rank Δ (no autograd: see the module doc)."""
+    D: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, routes: str, keep_states: bool,
+) -> tuple[Tensor, Tensor]:
+    """cpu path of ``cross_scan_2d`` with a low-rank Δ: (out, saved chunk states per route or an empty
+    tensor when ``keep_states`` is False, i.e. when no backward will follow)."""
     from .selective_scan import cpu_backend  # compiled library: imported where it is used
 
+    route_names = routes.split(",")
+    batch, height, width, dim = u.shape
     out = torch.empty(u.shape, dtype=torch.float32)  # (batch, H, W, dim), contiguous: lanes store contiguously
+    saved = torch.empty(
+        (len(route_names), *cpu_backend.saved_shape(batch, dim, height * width, A.shape[-1])) if keep_states
+        else (0,), dtype=torch.float32,
+    )
     u32, dts32, B32, C32 = (cpu_backend._f32(t) for t in (u, dts, B, C))
-    for k, route in enumerate(routes.split(",")):
-        perm, reverse = _ROUTE_LAYOUT[route]
+    for k, route in enumerate(route_names):
+        out_k, u_k, dts_k, B_k, C_k = _route_views(route, out, u32, dts32, B32, C32, k=k)
         cpu_backend.scan_forward_lowrank(
-            out.permute(perm), u32.permute(perm), dts32[:, :, :, k].permute(perm).unsqueeze(1), dt_weight[k],
-            A[k], B32[:, :, :, k].permute(perm).unsqueeze(1), C32[:, :, :, k].permute(perm).unsqueeze(1),
+            out_k, u_k, dts_k, dt_weight[k], A[k], B_k, C_k,
             None if D is None else D[k], None if delta_bias is None else delta_bias[k],
-            delta_softplus, reverse, accumulate=k > 0,
+            delta_softplus, _ROUTE_LAYOUT[route][1], accumulate=k > 0, saved=saved[k] if keep_states else None,
         )
-    return out if u.dtype == torch.float32 else out.to(u.dtype)
+    return (out if u.dtype == torch.float32 else out.to(u.dtype)), saved
 
 
 @_cross_scan_lowrank_op.register_fake
-def _(u, dts, dt_weight, A, B, C, D, delta_bias, delta_softplus, routes):
-    return torch.empty(u.shape, dtype=u.dtype, device=u.device)
+def _(u, dts, dt_weight, A, B, C, D, delta_bias, delta_softplus, routes, keep_states):
+    from .selective_scan.cpu_backend import saved_shape
+
+    batch, height, width, dim = u.shape
+    n_routes = len(routes.split(","))
+    saved = (n_routes, *saved_shape(batch, dim, height * width, A.shape[-1])) if keep_states else (0,)
+    return torch.empty(u.shape, dtype=u.dtype, device=u.device), u.new_empty(saved, dtype=torch.float32)
+
+
+@torch.library.custom_op("vim2_kernels::cross_scan_lowrank_bwd", mutates_args=())
+def _cross_scan_lowrank_bwd_op(
+    dout: Tensor, u: Tensor, dts: Tensor, dt_weight: Tensor, A: Tensor, B: Tensor, C: Tensor,
+    D: Optional[Tensor], delta_bias: Optional[Tensor], saved: Tensor, delta_softplus: bool, routes: str,
+) -> List[Tensor]:
+    """Gradients [du, ddts, d dt_weight, dA, dB, dC, dD, d delta_bias] (empty placeholders for absent D/bias).
+
+    Per route: Δ is recomputed from the low-rank input (one route's Δ at a time, transient), the cpu
+    backward of the scan runs from the saved chunk states, and dΔ is projected back to rank R.
+    """
+    from .selective_scan import cpu_backend
+
+    dout32, u32, dts32, B32, C32 = (cpu_backend._f32(t) for t in (dout, u, dts, B, C))
+    du = torch.zeros(u.shape, dtype=torch.float32)
+    ddts, dW, dA, dB, dC, dD, dbias = [], [], [], [], [], [], []
+    for k, route in enumerate(routes.split(",")):
+        perm, reverse = _ROUTE_LAYOUT[route]
+        inverse = _inverse(perm)
+        delta_k = torch.matmul(dts32[:, :, :, k], dt_weight[k].float().t())  # (batch, H, W, dim)
+        dout_k, u_k, delta_seq, B_k, C_k = _route_views(route, dout32, u32, delta_k, B32, C32, k=k)
+        du_k, ddelta_k, dA_k, dB_k, dC_k, dD_k, _, dbias_k, _ = cpu_backend.scan_backward(
+            dout_k, None, u_k, delta_seq, A[k], B_k, C_k, None if D is None else D[k], None,
+            None if delta_bias is None else delta_bias[k], None, saved[k], delta_softplus, reverse,
+        )
+        du += du_k.permute(inverse)
+        ddelta_k = ddelta_k.permute(inverse)  # (batch, H, W, dim)
+        ddts.append(torch.matmul(ddelta_k, dt_weight[k].float()))
+        dW.append(ddelta_k.reshape(-1, ddelta_k.shape[-1]).t() @ dts32[:, :, :, k].reshape(-1, dts.shape[-1]))
+        dA.append(dA_k)
+        dB.append(dB_k.squeeze(1).permute(inverse))
+        dC.append(dC_k.squeeze(1).permute(inverse))
+        dD.append(dD_k)
+        dbias.append(dbias_k)
+    empty = u.new_empty((0,))
+    return [
+        du.to(u.dtype), torch.stack(ddts, 3).to(dts.dtype), torch.stack(dW).to(dt_weight.dtype),
+        torch.stack(dA).to(A.dtype), torch.stack(dB, 3).to(B.dtype), torch.stack(dC, 3).to(C.dtype),
+        empty if D is None else torch.stack(dD).to(D.dtype),
+        empty if delta_bias is None else torch.stack(dbias).to(delta_bias.dtype),
+    ]
+
+
+@_cross_scan_lowrank_bwd_op.register_fake
+def _(dout, u, dts, dt_weight, A, B, C, D, delta_bias, saved, delta_softplus, routes):
+    return [t.new_empty((0,)) if t is None else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+            for t in (u, dts, dt_weight, A, B, C, D, delta_bias)]
+
+
+def _lowrank_setup_context(ctx, inputs, output):
+    u, dts, dt_weight, A, B, C, D, delta_bias, delta_softplus, routes, keep_states = inputs
+    ctx.save_for_backward(u, dts, dt_weight, A, B, C, D, delta_bias, output[1])
+    ctx.flags = (delta_softplus, routes)
+
+
+def _lowrank_backward(ctx, dout, _dsaved):
+    u, dts, dt_weight, A, B, C, D, delta_bias, saved = ctx.saved_tensors
+    if saved.numel() == 0 and u.numel() != 0:
+        raise RuntimeError("cross_scan_2d ran without keeping states for backward (keep_states=False)")
+    grads = torch.ops.vim2_kernels.cross_scan_lowrank_bwd(
+        dout.contiguous(), u, dts, dt_weight, A, B, C, D, delta_bias, saved, *ctx.flags
+    )
+    du, ddts, dW, dA, dB, dC, dD, dbias = grads
+    return (du, ddts, dW, dA, dB, dC, None if D is None else dD, None if delta_bias is None else dbias,
+            None, None, None)
+
+
+_cross_scan_lowrank_op.register_autograd(_lowrank_backward, setup_context=_lowrank_setup_context)
 
 
 def _max_fused_rank() -> int:
@@ -155,15 +242,16 @@ def cross_scan_2d(
             if not t.is_floating_point():
                 raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
         fused = (
-            not _needs_grad(u, delta, delta_proj_weight, A, B, C, D, delta_bias)
-            and u.dtype != torch.float64
+            u.dtype != torch.float64
             and resolve_backend(backend, u.device, u.dtype, d_state) == "cpu"
             and delta_proj_weight.shape[2] <= _max_fused_rank()
         )
         if fused:
+            keep_states = _needs_grad(u, delta, delta_proj_weight, A, B, C, D, delta_bias)
             return torch.ops.vim2_kernels.cross_scan_lowrank_fwd(
-                u, delta, delta_proj_weight, A, B, C, D, delta_bias, bool(delta_softplus), ",".join(routes)
-            )
+                u, delta, delta_proj_weight, A, B, C, D, delta_bias, bool(delta_softplus), ",".join(routes),
+                keep_states,
+            )[0]
         delta = torch.einsum("bhwkr,kdr->bhwkd", delta, delta_proj_weight.to(delta.dtype)).to(u.dtype)
 
     total = None

@@ -43,7 +43,7 @@ _log = logging.getLogger(__name__)
 NAME = "cpu"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CACHE_ENV_VAR = "VIM2_KERNELS_CACHE"
-# Steps between the states saved for backward (its recompute buffer is 2 * CHUNK_SIZE * 64 * LANES floats).
+# Steps between the states saved for backward (its recompute buffer is 2 * CHUNK_SIZE * N * LANES floats per tile).
 CHUNK_SIZE = 128
 # Largest state size N (MAX_STATE in the C source: fixed-size per-tile arrays); dispatch checks it.
 MAX_D_STATE = 64
@@ -317,12 +317,13 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softp
 
 def scan_forward_lowrank(out: Tensor, u: Tensor, dts: Tensor, dt_weight: Tensor, A: Tensor, B: Tensor, C: Tensor,
                          D: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, reverse: bool,
-                         accumulate: bool) -> None:
-    """Inference forward with the Δ projection fused in, writing (or adding) into ``out``.
+                         accumulate: bool, saved: Optional[Tensor] = None) -> None:
+    """Forward with the Δ projection fused in, writing (or adding) into ``out``.
 
     Sequence-contract layouts (any strides, float32): u and out (batch, dim, *Ls); dts, B, C
     (batch, G, R or N, *Ls) with one group for dts; dt_weight (dim, R): Δ[b, d, t] = dts[b, 0, :, t] . dt_weight[d].
-    Nothing is saved for backward (callers use it only when no gradient is needed).
+    ``saved``: None (no backward will follow), or a contiguous float32 ``saved_shape(...)`` tensor that
+    receives the chunk states ``scan_backward`` needs (with Δ materialised for that route).
     """
     lib = _library()
     batch, dim = u.shape[:2]
@@ -330,12 +331,12 @@ def scan_forward_lowrank(out: Tensor, u: Tensor, dts: Tensor, dt_weight: Tensor,
     if u.numel() == 0:
         if not accumulate:
             out.zero_()
+        if saved is not None:
+            saved.zero_()
         return
     A32, D32, bias32, _ = _params(A, D, delta_bias, None)
     w32 = dt_weight.float().contiguous()
-    seqlen = u[0, 0].numel()
     last = torch.empty((batch, dim, d_state), dtype=torch.float32)
-    saved = torch.empty(saved_shape(batch, dim, seqlen, d_state), dtype=torch.float32)
     status = lib.vim2_scan_fwd(
         _shape_vector(u, B.shape[1], d_state, delta_softplus, reverse, _threads(), rank, accumulate),
         _ptr(u), _seq_strides(u, 2), None, None,

@@ -64,31 +64,38 @@ def test_fused_inference_matches_oracle(batch, height, width, dim, rank, routes)
 
 
 @needs_cpu_kernel
-def test_fused_path_is_taken_only_without_autograd(monkeypatch):
+def test_fused_path_keeps_states_only_for_a_backward(monkeypatch):
+    """One fused kernel call per route, summed in place; chunk states are written only when autograd
+    records a graph; the fused result equals the materialised-Δ path of the same backend."""
     calls = []
     real = cpu_backend.scan_forward_lowrank
-    monkeypatch.setattr(cpu_backend, "scan_forward_lowrank", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(cpu_backend, "scan_forward_lowrank",
+                        lambda *a, **k: calls.append(k["saved"] is not None) or real(*a, **k))
     x = lowrank_inputs()
     with torch.no_grad():
         fused = run_lowrank(x, vim2_kernels.ROUTES, backend="cpu")
-    assert len(calls) == 4  # one kernel call per route, summed in place
+    assert calls == [False] * 4
     calls.clear()
-    u = x["u"].float().requires_grad_(True)
     t = {k: v.float() for k, v in x.items()}
-    differentiable = cross_scan_2d(u, t["dts"], t["A"], t["B"], t["C"], t["D"], t["delta_bias"],
-                                   delta_proj_weight=t["W"], backend="cpu")
-    assert not calls and differentiable.requires_grad
-    torch.testing.assert_close(differentiable.detach(), fused, rtol=1e-5, atol=1e-5)
+    u = t["u"].clone().requires_grad_(True)
+    with_graph = cross_scan_2d(u, t["dts"], t["A"], t["B"], t["C"], t["D"], t["delta_bias"],
+                               delta_proj_weight=t["W"], backend="cpu")
+    assert calls == [True] * 4 and with_graph.requires_grad
+    delta = torch.einsum("bhwkr,kdr->bhwkd", t["dts"], t["W"])
+    materialised = cross_scan_2d(t["u"], delta, t["A"], t["B"], t["C"], t["D"], t["delta_bias"], backend="cpu")
+    torch.testing.assert_close(with_graph.detach(), fused, rtol=0, atol=0)
+    torch.testing.assert_close(fused, materialised, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
-def test_gradients_flow_through_the_projection(backend):
-    """With autograd, Δ is materialised and every input (the low-rank Δ and its weight included) gets
-    the oracle's gradient."""
+@pytest.mark.parametrize("routes", [vim2_kernels.ROUTES, ("col", "row_rev")])
+@pytest.mark.parametrize("dim", [5, 70])
+def test_gradients_flow_through_the_projection(backend, routes, dim):
+    """Every input (the low-rank Δ and its weight included) gets the oracle's gradient: through the
+    fused op's backward on cpu (Δ recomputed per route), through a materialised Δ elsewhere."""
     if backend == "cpu" and cpu_backend.unavailable_reason(torch.device("cpu")) is not None:
         pytest.skip("cpu kernels unavailable")
-    routes = vim2_kernels.ROUTES
-    x = lowrank_inputs(batch=1, height=3, width=4, dim=5, d_state=3, rank=2)
+    x = lowrank_inputs(batch=2, height=3, width=4, dim=dim, d_state=3, rank=2, n_routes=len(routes))
     dtype = torch.float32 if backend == "cpu" else torch.float64
     ref_in = {k: v.clone().requires_grad_(True) for k, v in x.items()}
     test_in = {k: v.to(dtype if k in ("u", "dts", "B", "C") else (torch.float32 if backend == "cpu" else v.dtype))
@@ -141,16 +148,29 @@ def test_bad_low_rank_inputs_name_the_argument(name, bad, match):
 @needs_cpu_kernel
 def test_fused_op_passes_opcheck_and_compiles():
     x = {k: v.float() for k, v in lowrank_inputs(batch=1, height=3, width=4, dim=36, rank=3).items()}
-    args = (x["u"], x["dts"], x["W"], x["A"], x["B"], x["C"], x["D"], x["delta_bias"], True, "row,col,row_rev,col_rev")
-    torch.library.opcheck(torch.ops.vim2_kernels.cross_scan_lowrank_fwd.default, args,
-                          test_utils=("test_schema", "test_faketensor"))
+    routes = "row,col,row_rev,col_rev"
+    args = (x["u"], x["dts"], x["W"], x["A"], x["B"], x["C"], x["D"], x["delta_bias"], True, routes)
+    for keep_states in (False, True):
+        torch.library.opcheck(torch.ops.vim2_kernels.cross_scan_lowrank_fwd.default, (*args, keep_states))
+    grad_args = [a.requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args]
+    torch.library.opcheck(torch.ops.vim2_kernels.cross_scan_lowrank_fwd.default, (*grad_args, True))
+    out, saved = torch.ops.vim2_kernels.cross_scan_lowrank_fwd(*args, True)
+    bwd_args = (torch.randn_like(out), *(a.detach() for a in args[:8]), saved.detach(), True, routes)
+    torch.library.opcheck(torch.ops.vim2_kernels.cross_scan_lowrank_bwd.default, bwd_args)
 
     def step(u, dts, W, A, B, C, D, bias):
         return cross_scan_2d(u * 2, dts, A, B, C, D, bias, delta_proj_weight=W, backend="cpu").relu()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    plain = [a.detach() for a in args[:8]]
     with torch.no_grad():
-        torch.testing.assert_close(compiled(*args[:8]), step(*args[:8]))
+        torch.testing.assert_close(compiled(*plain), step(*plain))
+    leaves = [a.detach().requires_grad_(True) for a in args[:8]]
+    compiled(*leaves).sum().backward()
+    expected = [a.detach().requires_grad_(True) for a in args[:8]]
+    step(*expected).sum().backward()
+    for got, want in zip(leaves, expected):
+        torch.testing.assert_close(got.grad, want.grad)
 
 
 @needs_cpu_kernel

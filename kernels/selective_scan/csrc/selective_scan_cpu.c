@@ -31,7 +31,7 @@
 #endif
 
 #define MAX_STATE 64  /* largest N (d_state); checked by cpu_backend.py */
-#define MAX_DT_RANK 64  /* largest rank of a low-rank step-size input (forward only); checked by cpu_backend.py */
+#define MAX_DT_RANK 64  /* largest rank of a low-rank step-size input (forward); checked by cpu_backend.py */
 
 #define PREFETCH_AHEAD 8
 #define STEP_BLOCK 16  /* forward: steps whose element-wise prologue runs ahead of their recurrence */
@@ -290,7 +290,7 @@ static void fwd_tile_block(const Geometry *g, const FwdArgs *f, const FwdTile *f
   float bv[MAX_STATE][LANES], cv[MAX_STATE][LANES];
   for (int64_t i = 0; i < nb; i++) {
     const int64_t s = s0 + i;
-    if (s == save_at) {  /* the state entering chunk s / chunk */
+    if (s == save_at && f->saved) {  /* the state entering chunk s / chunk (no backward: saved = NULL) */
       save_at += g->chunk;
       const int64_t c = s / g->chunk;
       for (int j = 0; j < LANES; j++)
@@ -356,6 +356,7 @@ static void fwd_tile_block(const Geometry *g, const FwdArgs *f, const FwdTile *f
  *   is sum_r dts[b, r, t] * dt_w[d, r], with dts addressed like B (strides b, -, r, s1, s2). This is the
  *   Δ projection of Mamba's x_proj/dt_proj fused into the scan: the (batch, dim, L) Δ is never stored.
  * - shape[S_ACCUMULATE]: out += y instead of out = y (routes of a cross-scan summed in place).
+ * `saved` may be NULL when no backward will follow.
  *
  * Tiles are walked in groups of up to TILE_GROUP, block of STEP_BLOCK steps by block: the tiles of a
  * group read the same steps' B/C/Δ cache lines and pages one after another, so a long 2-D route costs
@@ -447,13 +448,16 @@ int vim2_scan_bwd(const int64_t *shape,
     float *dB_t = dB + thread * bc_numel, *dC_t = dC + thread * bc_numel;
     Tile tl;
     make_tile(&g, tile, &tl);
-    /* states after every step of the chunk (heap: chunk * N * LANES floats), and the state entering it */
-    /* heap: the chunk's states and decays (2 * chunk * MAX_STATE * LANES floats); the rest is fixed-size
-       so that the compiler knows nothing aliases */
-    float *scratch = malloc(sizeof(float) * (size_t)(2 * g.chunk * MAX_STATE * LANES));
+    /* heap: the chunk's states and decays, chunk * N * LANES floats each, packed by the real N (with
+       MAX_STATE rows per step, 3/4 of every 8 KB step would be unused at N = 16: 4x the pages and L2);
+       the rest is fixed-size so that the compiler knows nothing aliases */
+    float *scratch = malloc(sizeof(float) * (size_t)((2 * g.N + 3) * g.chunk * LANES));
     if (!scratch) { failed = 1; continue; }
-    float (*hs)[MAX_STATE][LANES] = (float (*)[MAX_STATE][LANES])scratch;
-    float (*decays)[MAX_STATE][LANES] = hs + g.chunk;
+    float *hs = scratch, *decays = scratch + g.chunk * g.N * LANES;
+    /* per step of the chunk: dt, dt * u and d softplus / dv (1 without softplus) */
+    float (*dtc)[LANES] = (float (*)[LANES])(decays + g.chunk * g.N * LANES);
+    float (*dtxc)[LANES] = dtc + g.chunk, (*dspc)[LANES] = dtxc + g.chunk;
+#define STEP_STATES(base, i) ((float (*)[LANES])((base) + (i) * g.N * LANES))
     float h0[MAX_STATE][LANES], a[MAX_STATE][LANES], a2[MAX_STATE][LANES], G[MAX_STATE][LANES];
     float dAacc[MAX_STATE][LANES];
     float bv[MAX_STATE][LANES], cv[MAX_STATE][LANES];
@@ -485,26 +489,38 @@ int vim2_scan_bwd(const int64_t *shape,
     }
     for (int64_t c = g.n_chunks - 1; c >= 0; c--) {
       int64_t s0 = c * g.chunk, s1 = s0 + g.chunk < g.L ? s0 + g.chunk : g.L;
-      /* recompute the chunk's states */
+      /* the state entering the chunk */
       for (int j = 0; j < LANES; j++)
         for (int64_t n = 0; n < g.N; n++) h0[n][j] = saved[(tl.row[j] * g.n_chunks + c) * g.N + n];
       int64_t t1, t2, p1, p2;
+      /* element-wise prologue of the chunk (independent steps: their softplus latencies overlap, and
+         neither the recompute nor the reverse walk evaluates a softplus or sigmoid again) */
       cursor_set(&g, s0, &t1, &t2);
       cursor_set(&g, s0 + PREFETCH_AHEAD < s1 ? s0 + PREFETCH_AHEAD : s1 - 1, &p1, &p2);
       for (int64_t s = s0; s < s1; s++, cursor_move(&g, 1, &t1, &t2)) {
-        if (s + PREFETCH_AHEAD < s1) {  /* the reverse walk below then finds the chunk in cache */
+        if (s + PREFETCH_AHEAD < s1) {  /* the passes below then find the chunk in cache */
           prefetch_step(u, su, bu[0], delta, sdl, bd[0], Bm, sB, bb[0], Cm, sC, bc[0], z, sz, bz[0], p1, p2);
-          PREFETCH(dout + bdo[0] + seq_step(sdo, p1, p2));
+          prefetch_lanes(dout, sdo, bdo[0], p1, p2);
           cursor_move(&g, 1, &p1, &p2);
         }
-        float x[LANES], v[LANES], dt[LANES], dtx[LANES];
+        float x[LANES], v[LANES];
+        float *dt = dtc[s - s0], *dsp = dspc[s - s0];
         load_lanes(u, bu, seq_step(su, t1, t2), su[Q_D], tl.same_batch, x);
         load_lanes(delta, bd, seq_step(sdl, t1, t2), sdl[Q_D], tl.same_batch, v);
         for (int j = 0; j < LANES; j++) v[j] += dbias[j];
         step_sizes(g.softplus, v, dt);
-        for (int j = 0; j < LANES; j++) dtx[j] = dt[j] * x[j];
-        float (*prev)[LANES] = s == s0 ? h0 : hs[s - s0 - 1];
-        float (*hk)[LANES] = hs[s - s0], (*ek)[LANES] = decays[s - s0];
+        for (int j = 0; j < LANES; j++) dtxc[s - s0][j] = dt[j] * x[j];
+        if (g.softplus)
+          for (int j = 0; j < LANES; j++) dsp[j] = v[j] > 20.0f ? 1.0f : sigmoid_vec(v[j]);
+        else
+          for (int j = 0; j < LANES; j++) dsp[j] = 1.0f;
+      }
+      /* recompute the chunk's states */
+      cursor_set(&g, s0, &t1, &t2);
+      for (int64_t s = s0; s < s1; s++, cursor_move(&g, 1, &t1, &t2)) {
+        const float *dt = dtc[s - s0], *dtx = dtxc[s - s0];
+        float (*prev)[LANES] = s == s0 ? h0 : STEP_STATES(hs, s - s0 - 1);
+        float (*hk)[LANES] = STEP_STATES(hs, s - s0), (*ek)[LANES] = STEP_STATES(decays, s - s0);
         if (tl.shared) {
           const int64_t ob = bb[0] + t1 * sB[P_1] + t2 * sB[P_2];
           for (int64_t n = 0; n < g.N; n++) {
@@ -526,16 +542,14 @@ int vim2_scan_bwd(const int64_t *shape,
       cursor_set(&g, s1 - 1, &t1, &t2);
       for (int64_t s = s1 - 1; s >= s0; s--, cursor_move(&g, -1, &t1, &t2)) {
         const int64_t t = t1 * g.L2 + t2;
-        float x[LANES], v[LANES], dt[LANES], gy[LANES], ddt[LANES], dx[LANES];
+        float x[LANES], gy[LANES], ddt[LANES], dx[LANES];
+        const float *dt = dtc[s - s0];
         load_bc(&g, &tl, Cm, sC, bc, t1, t2, cv);  /* (also for the dz recompute below) */
         if (!tl.shared) load_bc(&g, &tl, Bm, sB, bb, t1, t2, bv);
-        float (*h)[LANES] = hs[s - s0], (*ek)[LANES] = decays[s - s0];
-        float (*prev)[LANES] = s == s0 ? h0 : hs[s - s0 - 1];
+        float (*h)[LANES] = STEP_STATES(hs, s - s0), (*ek)[LANES] = STEP_STATES(decays, s - s0);
+        float (*prev)[LANES] = s == s0 ? h0 : STEP_STATES(hs, s - s0 - 1);
         load_lanes(u, bu, seq_step(su, t1, t2), su[Q_D], tl.same_batch, x);
-        load_lanes(delta, bd, seq_step(sdl, t1, t2), sdl[Q_D], tl.same_batch, v);
         load_lanes(dout, bdo, seq_step(sdo, t1, t2), sdo[Q_D], tl.same_batch, gy);
-        for (int j = 0; j < LANES; j++) v[j] += dbias[j];
-        step_sizes(g.softplus, v, dt);
         if (z) {  /* recompute the ungated output y for dz */
           float y[LANES], zz[LANES], dzv[LANES];
           for (int j = 0; j < LANES; j++) y[j] = dskip[j] * x[j];
@@ -556,28 +570,20 @@ int vim2_scan_bwd(const int64_t *shape,
         /* G_t = gy C_t + (carry in G); dC_t[n] = sum over lanes of gy h_t[n], dB_t[n] of G dt x.
            ddt and dx are summed in two interleaved partials (one running sum would be a serial chain). */
         float ddt2[2][LANES] = {{0.0f}}, dx2[2][LANES] = {{0.0f}};
-        float dBs[MAX_STATE][LANES], dCs[MAX_STATE][LANES];  /* per-lane dB/dC of this step (gather tiles) */
+        float dBs[MAX_STATE][LANES], dCs[MAX_STATE][LANES];  /* per-lane dB/dC of this step */
         for (int64_t n = 0; n < g.N; n++) {
-          float dcn[LANES], dbn[LANES];
-          const int64_t toff = t * g.bc_t + n * g.bc_n;
           if (tl.shared) {
             const float bn = Bm[bb[0] + n * sB[P_N] + t1 * sB[P_1] + t2 * sB[P_2]];
             const float cn = Cm[bc[0] + n * sC[P_N] + t1 * sC[P_1] + t2 * sC[P_2]];
             for (int j = 0; j < LANES; j++) {
               float Gn = G[n][j] + gy[j] * cn, decay = ek[n][j], hp = prev[n][j];
-              dcn[j] = gy[j] * h[n][j];
-              dbn[j] = Gn * dt[j] * x[j];
+              dCs[n][j] = gy[j] * h[n][j];
+              dBs[n][j] = Gn * dt[j] * x[j];
               ddt2[n & 1][j] += Gn * (bn * x[j] + a[n][j] * decay * hp);
               dx2[n & 1][j] += Gn * dt[j] * bn;
               dAacc[n][j] += Gn * dt[j] * decay * hp;
               G[n][j] = Gn * decay;  /* carry to the previous step */
             }
-            /* a shared tile has all its lanes valid (rows of one (batch, group), aligned) unless it is
-               the last tile: mask the padded lanes there */
-            if (!tl.same_batch)
-              for (int j = 0; j < LANES; j++) { dcn[j] *= vmask[j]; dbn[j] *= vmask[j]; }
-            dC_t[bcg[0] + toff] += lane_sum(dcn);
-            dB_t[bcg[0] + toff] += lane_sum(dbn);
           } else {
             for (int j = 0; j < LANES; j++) {
               float Gn = G[n][j] + gy[j] * cv[n][j], decay = ek[n][j], hp = prev[n][j];
@@ -590,7 +596,19 @@ int vim2_scan_bwd(const int64_t *shape,
             }
           }
         }
-        if (!tl.shared)  /* per lane: its (batch, group) slot of the partials */
+        if (tl.shared) {  /* one (batch, group): dB/dC of the step are sums over the tile's lanes */
+          /* all lanes are valid (rows of one (batch, group), aligned) unless this is the last tile */
+          if (!tl.same_batch)
+            for (int64_t n = 0; n < g.N; n++)
+              for (int j = 0; j < LANES; j++) { dCs[n][j] *= vmask[j]; dBs[n][j] *= vmask[j]; }
+          float sc[MAX_STATE], sb[MAX_STATE];
+          lane_sums((const float (*)[LANES])dCs, g.N, sc);
+          lane_sums((const float (*)[LANES])dBs, g.N, sb);
+          for (int64_t n = 0; n < g.N; n++) {
+            dC_t[bcg[0] + t * g.bc_t + n * g.bc_n] += sc[n];
+            dB_t[bcg[0] + t * g.bc_t + n * g.bc_n] += sb[n];
+          }
+        } else  /* per lane: its (batch, group) slot of the partials */
           for (int j = 0; j < LANES; j++) {
             if (!tl.valid[j]) continue;
             float *pc = dC_t + bcg[j] + t * g.bc_t, *pb = dB_t + bcg[j] + t * g.bc_t;
@@ -604,13 +622,7 @@ int vim2_scan_bwd(const int64_t *shape,
           dx[j] += dx2[0][j] + dx2[1][j];
         }
         float dv[LANES];
-        if (g.softplus)
-          for (int j = 0; j < LANES; j++) {
-            float sg = sigmoid_vec(v[j]);
-            dv[j] = ddt[j] * (v[j] > 20.0f ? 1.0f : sg);
-          }
-        else
-          for (int j = 0; j < LANES; j++) dv[j] = ddt[j];
+        for (int j = 0; j < LANES; j++) dv[j] = ddt[j] * dspc[s - s0][j];
         for (int j = 0; j < LANES; j++) dbacc[j] += dv[j];
         store_lanes(du, bdu, seq_step(sdu, t1, t2), sdu[Q_D], &tl, dx);
         store_lanes(ddelta, bdd, seq_step(sddl, t1, t2), sddl[Q_D], &tl, dv);
@@ -627,6 +639,7 @@ int vim2_scan_bwd(const int64_t *shape,
       if (dbias_rows) dbias_rows[r] = dbacc[j];
     }
     free(scratch);
+#undef STEP_STATES
   }
   return failed ? 2 : 0;
 }

@@ -130,4 +130,36 @@ static inline float lane_sum(const float *x) {
   return a[0];
 }
 
+/* out[r] = sum of the LANES lanes of x[r] for r < rows. With AVX-512 and 32 lanes, 16 rows at a time
+   by a transposing reduction (about 4 instructions per row instead of a 5-level tree per row). */
+static inline void lane_sums(const float (*x)[LANES], int64_t rows, float *out) {
+  int64_t r = 0;
+#if defined(__AVX512F__) && LANES == 32
+  for (; r + 16 <= rows; r += 16) {
+    __m512 v[16], w[8], q[4], y[2];
+    /* slot s takes row (s % 4) * 4 + s / 4: the 4x4 transpose that the last step undoes */
+    for (int s = 0; s < 16; s++) {
+      const float *row = x[r + (s % 4) * 4 + s / 4];
+      v[s] = _mm512_add_ps(_mm512_loadu_ps(row), _mm512_loadu_ps(row + 16));
+    }
+    /* w[k]: 256-bit halves hold 8 partial sums of v[2k] and of v[2k + 1] */
+    for (int k = 0; k < 8; k++)
+      w[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0x44),
+                           _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0xEE));
+    /* q[k]: 128-bit lane i holds 4 partial sums of v[4k + i] */
+    for (int k = 0; k < 4; k++)
+      q[k] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * k], w[2 * k + 1], 0x88),
+                           _mm512_shuffle_f32x4(w[2 * k], w[2 * k + 1], 0xDD));
+    /* y[k]: lane i = [a, b, a, b] pairs of partials of q[2k] (a) and q[2k + 1] (b) */
+    for (int k = 0; k < 2; k++)
+      y[k] = _mm512_add_ps(_mm512_unpacklo_ps(q[2 * k], q[2 * k + 1]), _mm512_unpackhi_ps(q[2 * k], q[2 * k + 1]));
+    /* element e of lane i: the sum of slot 4e + i, i.e. of row 4i + e: rows in order */
+    __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(y[0]), _mm512_castps_pd(y[1]));
+    __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(y[0]), _mm512_castps_pd(y[1]));
+    _mm512_storeu_ps(out + r, _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi)));
+  }
+#endif
+  for (; r < rows; r++) out[r] = lane_sum(x[r]);
+}
+
 #endif
