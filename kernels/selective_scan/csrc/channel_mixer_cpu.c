@@ -80,7 +80,8 @@ static inline void conv_step(const ChannelParams *p, int r, int64_t s, int64_t E
   }
 }
 
-/* One direction over the tile. If hs/decays/xs/dts/vdts/pres are given, every step is recorded. */
+/* One direction over the tile. xs/dts (E x LANES) receive every step's SiLU(conv) and step size; if
+ * hs/decays/vdts/pres are given, the states, decays, softplus inputs and conv outputs are recorded too. */
 static void cm_direction(const ChannelParams *p, int r, int64_t E, int64_t N, int64_t K,
                          float (*vbuf)[LANES], float (*ybuf)[LANES], int accumulate,
                          float *hs, float *decays, float (*xs)[LANES], float (*dts)[LANES],
@@ -92,16 +93,30 @@ static void cm_direction(const ChannelParams *p, int r, int64_t E, int64_t N, in
     for (int j = 0; j < LANES; j++) h[n][j] = is_nan_bits(an) ? an : 0.0f;  /* NaN in A stays visible */
   }
   const float dw = p->delta_w[r], dskip = p->D[r];
+  /* element-wise prologue over all positions: conv, SiLU and step sizes do not depend on the state, so
+     their latencies overlap here instead of stalling every step of the recurrence */
+  for (int64_t s = 0; s < E; s++) {
+    float pre[LANES], vdt[LANES];
+    conv_step(p, r, s, E, K, vbuf, pre);
+    const float db = p->delta_b[r * E + cm_pos(r, s, E)];
+    for (int j = 0; j < LANES; j++) {
+      xs[s][j] = silu_f(pre[j]);
+      vdt[j] = dw * xs[s][j] + db;
+    }
+    step_sizes(1, vdt, dts[s]);
+    if (pres)
+      for (int j = 0; j < LANES; j++) {
+        vdts[s][j] = vdt[j];
+        pres[s][j] = pre[j];
+      }
+  }
   for (int64_t s = 0; s < E; s++) {
     int64_t c = cm_pos(r, s, E);
-    float pre[LANES], x[LANES], vdt[LANES], dt[LANES], dtx[LANES], y[LANES];
-    conv_step(p, r, s, E, K, vbuf, pre);
-    const float db = p->delta_b[r * E + c];
+    float x[LANES], dt[LANES], dtx[LANES], y[LANES];  /* local copies: no aliasing with the records */
     for (int j = 0; j < LANES; j++) {
-      x[j] = silu_f(pre[j]);
-      vdt[j] = dw * x[j] + db;
+      x[j] = xs[s][j];
+      dt[j] = dts[s][j];
     }
-    step_sizes(1, vdt, dt);
     for (int j = 0; j < LANES; j++) {
       dtx[j] = dt[j] * x[j];
       y[j] = dskip * x[j];
@@ -125,13 +140,6 @@ static void cm_direction(const ChannelParams *p, int r, int64_t E, int64_t N, in
           erec[j] = e[j];
         }
     }
-    if (xs)
-      for (int j = 0; j < LANES; j++) {
-        xs[s][j] = x[j];
-        dts[s][j] = dt[j];
-        vdts[s][j] = vdt[j];
-        pres[s][j] = pre[j];
-      }
     if (accumulate)
       for (int j = 0; j < LANES; j++) ybuf[c][j] += y[j];
     else
@@ -156,16 +164,16 @@ int vim2_channel_mixer_fwd(const int64_t *shape, const float *v, int64_t sv_t, i
   int failed = 0;
 #pragma omp parallel num_threads(nthreads)
   {
-    float (*vbuf)[LANES] = malloc(sizeof(float) * (size_t)(3 * E * LANES));
-    float (*ybuf)[LANES] = vbuf + E, (*zbuf)[LANES] = ybuf + E;
+    float (*vbuf)[LANES] = malloc(sizeof(float) * (size_t)(5 * E * LANES));
+    float (*ybuf)[LANES] = vbuf + E, (*zbuf)[LANES] = ybuf + E, (*xs)[LANES] = zbuf + E, (*dts)[LANES] = xs + E;
     if (!vbuf) failed = 1;
 #pragma omp for schedule(dynamic, 4)
     for (int64_t tile = 0; tile < n_tiles; tile++) {
       if (!vbuf) continue;
       const int64_t t0 = tile * LANES;
       load_tile(v, sv_t, sv_e, t0, T, E, vbuf);
-      cm_direction(&p, 0, E, N, K, vbuf, ybuf, 0, NULL, NULL, NULL, NULL, NULL, NULL);
-      cm_direction(&p, 1, E, N, K, vbuf, ybuf, 1, NULL, NULL, NULL, NULL, NULL, NULL);
+      cm_direction(&p, 0, E, N, K, vbuf, ybuf, 0, NULL, NULL, xs, dts, NULL, NULL);
+      cm_direction(&p, 1, E, N, K, vbuf, ybuf, 1, NULL, NULL, xs, dts, NULL, NULL);
       if (z) {
         load_tile(z, sz_t, sz_e, t0, T, E, zbuf);
         for (int64_t c = 0; c < E; c++)
@@ -251,10 +259,10 @@ int vim2_channel_mixer_bwd(const int64_t *shape, const float *v, int64_t sv_t, i
             ddt[j] = 0.0f;
           }
           for (int64_t n = 0; n < N; n++) {
+            float dC[LANES], dB[LANES];
             const float bb = B_b[(r * N + n) * E + c], cb = C_b[(r * N + n) * E + c];
             const float *h = hs + (s * N + n) * LANES, *e = decays + (s * N + n) * LANES;
             const float *hp = s > 0 ? hs + ((s - 1) * N + n) * LANES : NULL;
-            float dC[LANES], dB[LANES];
             for (int j = 0; j < LANES; j++) {
               float Bn = x[j] * bw[n] + bb, Cn = x[j] * cw[n] + cb;
               float hprev = hp ? hp[j] : 0.0f;
