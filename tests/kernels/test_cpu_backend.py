@@ -7,6 +7,7 @@ sizes make the backward recompute cross many chunk boundaries on short sequences
 machinery: cache, missing or broken compiler, and the dispatch fallback.
 """
 import itertools
+import platform
 import warnings
 
 import pytest
@@ -209,6 +210,29 @@ def test_auto_falls_back_to_torch_with_one_warning_when_unbuildable(fresh_build,
     assert len(messages) == 1 and "no C compiler found" in messages[0] and "torch backend" in messages[0]
     dispatch._resolve.cache_clear()
     dispatch._warned.clear()
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 instruction-set flag")
+def test_portable_build_without_avx512_matches_the_reference(fresh_build, monkeypatch):
+    """Machines without AVX-512 compile the generic code paths (2^x by the float shifter, per-row lane
+    sums): built here with -mno-avx512f, the scan (both B/C paths, several chunks), the low-rank
+    cross-scan and the fused channel mixer still match their float64 references."""
+    from test_channel_mixer import assert_matches_oracle, make_inputs
+    from test_cross_scan_lowrank import lowrank_inputs, oracle, run_lowrank
+    import vim2_kernels
+
+    monkeypatch.setattr(cb, "_FLAG_SETS", (["-march=native", "-mno-avx512f", "-fopenmp"],))
+    cb._load.cache_clear()  # (importing the helpers above loaded the default build)
+    library, reason = cb._load()
+    assert reason is None and "-mno-avx512f" in library.description
+    monkeypatch.setattr(cb, "CHUNK_SIZE", 8)
+    for seed, (L, dim, groups) in enumerate(itertools.product((5, 37), (LANES - 2, 2 * LANES), (1, 2))):
+        check_case(seed=seed, batch=2, dim=dim, groups=groups, Ls=(L,), N=4, **ALL)
+    x = lowrank_inputs(batch=2, height=5, width=4, dim=40, d_state=4, rank=3)
+    with torch.no_grad():
+        got = run_lowrank(x, vim2_kernels.ROUTES, backend="cpu")
+    torch.testing.assert_close(got.double(), oracle(x, vim2_kernels.ROUTES), rtol=1e-4, atol=1e-4)
+    assert_matches_oracle(make_inputs(37, 19, 4))
 
 
 def test_cuda_tensors_are_refused_with_reason():

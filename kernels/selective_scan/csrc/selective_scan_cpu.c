@@ -307,10 +307,8 @@ static void fwd_tile_block(const Geometry *g, const FwdArgs *f, const FwdTile *f
       for (int64_t n = 0; n < g->N; n++) {
         const float bn = f->Bm[ob + n * f->sB[P_N]], cn = f->Cm[oc + n * f->sC[P_N]];
         float *hn_ = h + n * LANES;
-        const float *an_ = a2 + n * LANES;
         float e[LANES];
-        for (int j = 0; j < LANES; j++) e[j] = dt[j] * an_[j];
-        exp2_lanes(e, e);
+        decay_lanes(dt, a2 + n * LANES, e);
         for (int j = 0; j < LANES; j++) {
           float hn = e[j] * hn_[j] + dtx[j] * bn;
           hn_[j] = hn;
@@ -323,10 +321,8 @@ static void fwd_tile_block(const Geometry *g, const FwdArgs *f, const FwdTile *f
       load_bc(g, tl, f->Cm, f->sC, ft->bc, tb1[i], tb2[i], cv);
       for (int64_t n = 0; n < g->N; n++) {
         float *hn_ = h + n * LANES;
-        const float *an_ = a2 + n * LANES;
         float e[LANES];
-        for (int j = 0; j < LANES; j++) e[j] = dt[j] * an_[j];
-        exp2_lanes(e, e);
+        decay_lanes(dt, a2 + n * LANES, e);
         for (int j = 0; j < LANES; j++) {
           float hn = e[j] * hn_[j] + dtx[j] * bv[n][j];
           hn_[j] = hn;
@@ -525,15 +521,13 @@ int vim2_scan_bwd(const int64_t *shape,
           const int64_t ob = bb[0] + t1 * sB[P_1] + t2 * sB[P_2];
           for (int64_t n = 0; n < g.N; n++) {
             const float bn = Bm[ob + n * sB[P_N]];
-            for (int j = 0; j < LANES; j++) ek[n][j] = dt[j] * a2[n][j];
-            exp2_lanes(ek[n], ek[n]);
+            decay_lanes(dt, a2[n], ek[n]);
             for (int j = 0; j < LANES; j++) hk[n][j] = ek[n][j] * prev[n][j] + dtx[j] * bn;
           }
         } else {
           load_bc(&g, &tl, Bm, sB, bb, t1, t2, bv);
           for (int64_t n = 0; n < g.N; n++) {
-            for (int j = 0; j < LANES; j++) ek[n][j] = dt[j] * a2[n][j];
-            exp2_lanes(ek[n], ek[n]);
+            decay_lanes(dt, a2[n], ek[n]);
             for (int j = 0; j < LANES; j++) hk[n][j] = ek[n][j] * prev[n][j] + dtx[j] * bv[n][j];
           }
         }

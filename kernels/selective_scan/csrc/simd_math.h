@@ -77,6 +77,12 @@ static inline void exp2_lanes(const float *x, float *out) {
 #endif
 }
 
+/* The scans' decays of one state for the LANES lanes: e[j] = exp(dt[j] * a[j]) with a2 = a * log2(e). */
+static inline void decay_lanes(const float *dt, const float *a2, float *e) {
+  for (int j = 0; j < LANES; j++) e[j] = dt[j] * a2[j];
+  exp2_lanes(e, e);
+}
+
 /* log(w) for w >= 1 (finite): exponent from the bits, atanh series of the mantissa in [0.707, 1.414). */
 static inline float log_vec(float w) {
   int32_t bits;
