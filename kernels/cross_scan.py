@@ -123,18 +123,17 @@ def _cross_scan_lowrank_bwd_op(
         dC.append(dC_k.squeeze(1).permute(inverse))
         dD.append(dD_k)
         dbias.append(dbias_k)
-    empty = u.new_empty((0,))
-    return [
+    return [  # (custom-op outputs must be distinct tensors: one empty placeholder per absent input)
         du.to(u.dtype), torch.stack(ddts, 3).to(dts.dtype), torch.stack(dW).to(dt_weight.dtype),
         torch.stack(dA).to(A.dtype), torch.stack(dB, 3).to(B.dtype), torch.stack(dC, 3).to(C.dtype),
-        empty if D is None else torch.stack(dD).to(D.dtype),
-        empty if delta_bias is None else torch.stack(dbias).to(delta_bias.dtype),
+        u.new_empty((0,)) if D is None else torch.stack(dD).to(D.dtype),
+        u.new_empty((0,)) if delta_bias is None else torch.stack(dbias).to(delta_bias.dtype),
     ]
 
 
 @_cross_scan_lowrank_bwd_op.register_fake
 def _(dout, u, dts, dt_weight, A, B, C, D, delta_bias, saved, delta_softplus, routes):
-    return [t.new_empty((0,)) if t is None else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    return [u.new_empty((0,)) if t is None else torch.empty(t.shape, dtype=t.dtype, device=t.device)
             for t in (u, dts, dt_weight, A, B, C, D, delta_bias)]
 
 
@@ -218,6 +217,8 @@ def cross_scan_2d(
                 else type(delta_proj_weight).__name__
             raise ValueError(f"delta_proj_weight must have shape (K, dim, R) = ({n_routes}, {dim}, R), got {got}")
         rank = delta_proj_weight.shape[2]
+        if rank < 1:
+            raise ValueError(f"delta_proj_weight must have rank R >= 1 (shape (K, dim, R)), got {rank}")
         delta_shape = ((batch, height, width, n_routes, rank), "(batch, H, W, K, R) (low-rank Δ input)")
     else:
         delta_shape = ((batch, height, width, n_routes, dim), "(batch, H, W, K, dim)")

@@ -43,7 +43,8 @@ _log = logging.getLogger(__name__)
 NAME = "cpu"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CACHE_ENV_VAR = "VIM2_KERNELS_CACHE"
-# Steps between the states saved for backward (its recompute buffer is 2 * CHUNK_SIZE * N * LANES floats per tile).
+# Steps between the states saved for backward (its recompute buffer is (2 * N + 3) * CHUNK_SIZE * LANES floats
+# per tile: states, decays, and the chunk's step sizes, dt * u and softplus derivatives).
 CHUNK_SIZE = 128
 # Largest state size N (MAX_STATE in the C source: fixed-size per-tile arrays); dispatch checks it.
 MAX_D_STATE = 64
@@ -328,6 +329,8 @@ def scan_forward_lowrank(out: Tensor, u: Tensor, dts: Tensor, dt_weight: Tensor,
     lib = _library()
     batch, dim = u.shape[:2]
     d_state, rank = A.shape[1], dt_weight.shape[1]
+    if rank < 1:  # rank 0 would make the kernel read the (absent) full Δ
+        raise ValueError(f"the low-rank Δ needs rank R >= 1, got dt_weight of shape {tuple(dt_weight.shape)}")
     if u.numel() == 0:
         if not accumulate:
             out.zero_()

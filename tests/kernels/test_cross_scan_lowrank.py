@@ -132,6 +132,7 @@ def test_rank_above_the_kernel_limit_falls_back_to_a_materialised_delta():
 
 
 @pytest.mark.parametrize("name,bad,match", [
+    ("W", torch.zeros(4, 4, 0), r"delta_proj_weight must have rank R >= 1"),
     ("W", torch.zeros(4, 5, 2), r"delta_proj_weight must have shape \(K, dim, R\) = \(4, 4, R\)"),
     ("W", torch.zeros(4, 4), r"delta_proj_weight must have shape"),
     ("dts", torch.zeros(2, 3, 5, 4, 3), r"delta must have shape \(batch, H, W, K, R\) \(low-rank"),
@@ -146,8 +147,11 @@ def test_bad_low_rank_inputs_name_the_argument(name, bad, match):
 
 
 @needs_cpu_kernel
-def test_fused_op_passes_opcheck_and_compiles():
+@pytest.mark.parametrize("with_skip_and_bias", [True, False])
+def test_fused_op_passes_opcheck_and_compiles(with_skip_and_bias):
     x = {k: v.float() for k, v in lowrank_inputs(batch=1, height=3, width=4, dim=36, rank=3).items()}
+    if not with_skip_and_bias:  # absent D and Δ bias: the backward returns two distinct placeholders
+        x["D"] = x["delta_bias"] = None
     routes = "row,col,row_rev,col_rev"
     args = (x["u"], x["dts"], x["W"], x["A"], x["B"], x["C"], x["D"], x["delta_bias"], True, routes)
     for keep_states in (False, True):
@@ -155,22 +159,26 @@ def test_fused_op_passes_opcheck_and_compiles():
     grad_args = [a.requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args]
     torch.library.opcheck(torch.ops.vim2_kernels.cross_scan_lowrank_fwd.default, (*grad_args, True))
     out, saved = torch.ops.vim2_kernels.cross_scan_lowrank_fwd(*args, True)
-    bwd_args = (torch.randn_like(out), *(a.detach() for a in args[:8]), saved.detach(), True, routes)
+    bwd_args = (torch.randn_like(out), *(None if a is None else a.detach() for a in args[:8]), saved.detach(),
+                True, routes)
     torch.library.opcheck(torch.ops.vim2_kernels.cross_scan_lowrank_bwd.default, bwd_args)
 
     def step(u, dts, W, A, B, C, D, bias):
         return cross_scan_2d(u * 2, dts, A, B, C, D, bias, delta_proj_weight=W, backend="cpu").relu()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    plain = [a.detach() for a in args[:8]]
+    def fresh(requires_grad):
+        return [None if a is None else a.detach().requires_grad_(requires_grad) for a in args[:8]]
+
+    plain = fresh(False)
     with torch.no_grad():
         torch.testing.assert_close(compiled(*plain), step(*plain))
-    leaves = [a.detach().requires_grad_(True) for a in args[:8]]
+    leaves, expected = fresh(True), fresh(True)
     compiled(*leaves).sum().backward()
-    expected = [a.detach().requires_grad_(True) for a in args[:8]]
     step(*expected).sum().backward()
     for got, want in zip(leaves, expected):
-        torch.testing.assert_close(got.grad, want.grad)
+        if got is not None:
+            torch.testing.assert_close(got.grad, want.grad)
 
 
 @needs_cpu_kernel

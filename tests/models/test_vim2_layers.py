@@ -303,3 +303,17 @@ def test_inference_path_matches_autograd_path(name, monkeypatch):
     with torch.no_grad():
         mixer(y)
     assert torch.equal(y, before)
+
+
+def test_mixer_block_inference_residual_keeps_the_autograd_dtype():
+    """Under bf16 autocast a block's mixer returns bf16 while a float32 input stays float32: the in-place
+    residual add of the inference path must not change the result's dtype (x + y promotes)."""
+    from vim2.models.vim2 import MixerBlock
+    block = MixerBlock(16, SelectiveTokenMixer(16, d_state=4), 'token').eval()
+    x = torch.randn(1, 5, 6, 16)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        with_graph = block(x)
+        with torch.no_grad():
+            without_graph = block(x)
+    assert with_graph.dtype == without_graph.dtype == torch.float32
+    torch.testing.assert_close(without_graph, with_graph.detach())

@@ -125,8 +125,11 @@ class MixerBlock(nn.Module):
         else:
             raise ValueError(f'this block has no weighted averaging and takes one input, got {len(inputs)}')
         y = self.drop_path(self.mixer(self.norm(x)))
-        # without autograd the residual add reuses the mixer's output buffer
-        return y.add_(x) if can_overwrite(y, ()) else x + y
+        # without autograd the residual add reuses the mixer's output buffer (when that is what x + y
+        # would allocate: same shape, and no wider dtype in x, e.g. fp32 x under bf16 autocast)
+        if can_overwrite(y, ()) and y.shape == x.shape and y.dtype == torch.result_type(x, y) and y is not x:
+            return y.add_(x)
+        return x + y
 
 
 class ViM2Stage(nn.Module):

@@ -478,7 +478,8 @@ int vim2_scan_bwd(const int64_t *shape,
       vmask[j] = tl.valid[j] ? 1.0f : 0.0f;
       for (int64_t n = 0; n < g.N; n++) {
         a[n][j] = A[tl.d[j] * g.N + n];
-        a2[n][j] = a[n][j] * LOG2E_F;  /* as in the forward: the recomputed states match it bit for bit */
+        a2[n][j] = a[n][j] * LOG2E_F;  /* as in the forward: with the same Δ input the recomputed states match
+                                          it bit for bit (a low-rank Δ, rebuilt by a matmul, to rounding) */
         G[n][j] = dlast ? dlast[tl.row[j] * g.N + n] : 0.0f;
         dAacc[n][j] = 0.0f;
       }
