@@ -198,3 +198,30 @@ def test_tile_grouping_does_not_change_results(threads):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(single, several)
+
+
+@needs_cpu_kernel
+def test_backward_with_several_threads_is_reproducible_and_matches_one_thread():
+    """d dts is summed over channel tiles in per-thread partials (a static tile schedule): the same
+    thread count gives bitwise-equal gradients, another one the same up to summation order."""
+    x = lowrank_inputs(batch=2, height=6, width=5, dim=100, d_state=4, rank=5)
+    grad_out = torch.randn(2, 6, 5, 100, generator=torch.Generator().manual_seed(3))
+
+    def grads():
+        t = {k: v.float().clone().requires_grad_(True) for k, v in x.items()}
+        out = cross_scan_2d(t["u"], t["dts"], t["A"], t["B"], t["C"], t["D"], t["delta_bias"],
+                            delta_proj_weight=t["W"], backend="cpu")
+        out.backward(grad_out)
+        return {k: v.grad for k, v in t.items()}
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = grads()
+        torch.set_num_threads(3)
+        first, second = grads(), grads()
+    finally:
+        torch.set_num_threads(before)
+    for name in single:
+        assert torch.equal(first[name], second[name]), name
+        torch.testing.assert_close(first[name], single[name], rtol=1e-5, atol=1e-5, msg=name)

@@ -125,9 +125,9 @@ class MixerBlock(nn.Module):
         else:
             raise ValueError(f'this block has no weighted averaging and takes one input, got {len(inputs)}')
         y = self.drop_path(self.mixer(self.norm(x)))
-        # without autograd the residual add reuses the mixer's output buffer (when that is what x + y
-        # would allocate: same shape, and no wider dtype in x, e.g. fp32 x under bf16 autocast)
-        if can_overwrite(y, ()) and y.shape == x.shape and y.dtype == torch.result_type(x, y) and y is not x:
+        # without autograd the residual add reuses the mixer's output buffer when that is exactly what
+        # x + y would allocate (same shape and dtype; under autocast an fp32 x and a bf16 y promote)
+        if can_overwrite(y, ()) and y.shape == x.shape and y.dtype == x.dtype:
             return y.add_(x)
         return x + y
 
