@@ -258,10 +258,8 @@ def cross_scan_2d(
     total = None
     for k, route in enumerate(routes):
         perm, reverse = _ROUTE_LAYOUT[route]
-        seq_u = u.permute(perm)
-        seq_delta = delta[:, :, :, k].permute(perm)
-        seq_B = B[:, :, :, k].permute(perm).unsqueeze(1)  # (batch, 1, N, L1, L2)
-        seq_C = C[:, :, :, k].permute(perm).unsqueeze(1)
+        # (batch, dim, L1, L2) views of u and route k's Δ; (batch, 1, N, L1, L2) of its B and C
+        seq_u, seq_delta, seq_B, seq_C = _route_views(route, u, delta[:, :, :, k], B, C, k=k)
         out, _ = run_scan(
             seq_u, seq_delta, A[k], seq_B, seq_C,
             None if D is None else D[k], None,

@@ -282,7 +282,7 @@ int vim2_channel_mixer_bwd(const int64_t *shape, const float *v, int64_t sv_t, i
           float dvdt[LANES], dpre[LANES];
           for (int j = 0; j < LANES; j++) {
             float vv = vdts[s][j];
-            dvdt[j] = vv > 20.0f ? ddt[j] : ddt[j] * sigmoid_vec(vv);
+            dvdt[j] = ddt[j] * softplus_grad_vec(vv);
             gdw[j] += dvdt[j] * x[j];
             dx[j] += dvdt[j] * dw;
             float pr = pres[s][j], sg = sigmoid_vec(pr);

@@ -508,7 +508,7 @@ int vim2_scan_bwd(const int64_t *shape,
         step_sizes(g.softplus, v, dt);
         for (int j = 0; j < LANES; j++) dtxc[s - s0][j] = dt[j] * x[j];
         if (g.softplus)
-          for (int j = 0; j < LANES; j++) dsp[j] = v[j] > 20.0f ? 1.0f : sigmoid_vec(v[j]);
+          for (int j = 0; j < LANES; j++) dsp[j] = softplus_grad_vec(v[j]);
         else
           for (int j = 0; j < LANES; j++) dsp[j] = 1.0f;
       }

@@ -119,6 +119,9 @@ static inline float softplus_vec(float v) {
 
 static inline float sigmoid_vec(float v) { return 1.0f / (1.0f + exp_vec(-v)); }
 
+/* d softplus_vec(v) / dv: sigmoid(v), and 1 above the threshold where softplus_vec returns v itself. */
+static inline float softplus_grad_vec(float v) { return v > 20.0f ? 1.0f : sigmoid_vec(v); }
+
 /* dt[j] = softplus(v[j]) or v[j]; the branch is outside the lane loop so that the loop vectorises. */
 static inline void step_sizes(int softplus, const float *v, float *dt) {
   if (softplus)
