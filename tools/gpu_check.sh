@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# One-shot GPU check of the Triton selective scan (about 5 minutes on one H100/H200):
+# One-shot GPU check of the Triton selective scan (about 6-7 minutes on one H100/H200):
 #   1. environment (GPU, driver, python, torch, triton, vim2_kernels backends),
 #   2. GPU tests: pytest -m gpu tests/kernels/test_triton_gpu.py (compiled kernels vs the float64 reference),
 #   3. benchmark: tools/bench_scan_gpu.py (Triton vs torch backend, % of the memory-traffic floor),
-#      followed by a short sweep of the Triton tile settings.
+#      followed by a short sweep of the Triton tile settings,
+#   4. model benchmark: tools/bench_models.py on CUDA, ViM2-T vs DeiT-S at 224/512/1024, batch 1,
+#      inference and one training step (issue 3's goal in the paper's setting); CSV/PNG to $OUT/models.
 # Usage: bash tools/gpu_check.sh        (PYTHON=... to choose the interpreter; default .venv/bin/python,
 #        else python3). Output is also written to $OUT/gpu_check.log when $OUT is set.
 # Exit status: non-zero when a test failed or a stage timed out; the later stages still run.
@@ -60,8 +62,14 @@ timeout 170 "$PY" -m pytest -m gpu tests/kernels/test_triton_gpu.py -v -rfEs -p 
 
 echo
 echo "== benchmark"
-timeout 110 "$PY" tools/bench_scan_gpu.py --dtypes float32,bfloat16 --tune-budget 25 \
+timeout 100 "$PY" tools/bench_scan_gpu.py --dtypes float32,bfloat16 --tune-budget 20 \
   || { rc=$?; echo "benchmark: exit status $rc"; status=$rc; }
+
+echo
+echo "== model benchmark (CUDA, batch 1)"
+timeout 170 "$PY" tools/bench_models.py --device cuda --live-code --batch-size 1 --sizes 224 512 1024 \
+  --models vim2_tiny deit_small_patch16_224 --modes infer train --repeats 5 --warmup 2 --worker-timeout 75 \
+  --out-dir "${OUT:-bench_gpu_out}/models" || { rc=$?; echo "model benchmark: exit status $rc"; status=$rc; }
 
 echo
 echo "== done (status $status)"
