@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# One-shot GPU check of the Triton selective scan (about 6-7 minutes on one H100/H200):
+# One-shot GPU check of the Triton selective scan (about 8 minutes on one H100/H200):
 #   1. environment (GPU, driver, python, torch, triton, vim2_kernels backends),
 #   2. GPU tests: pytest -m gpu tests/kernels/test_triton_gpu.py (compiled kernels vs the float64 reference),
 #   3. benchmark: tools/bench_scan_gpu.py (Triton vs torch backend, % of the memory-traffic floor),
 #      followed by a short sweep of the Triton tile settings,
 #   4. model benchmark: tools/bench_models.py on CUDA, ViM2-T vs DeiT-S at 224/512/1024, batch 1,
-#      inference and one training step (issue 3's goal in the paper's setting); CSV/PNG to $OUT/models.
+#      inference and one training step (issue 3's goal in the paper's setting); CSV/PNG to $OUT/models,
+#   5. profile: tools/profile_cuda.py (wall vs GPU-busy time, kernel launches, top kernels) of the scan and of
+#      ViM2-T at 1024x1024.
 # Usage: bash tools/gpu_check.sh        (PYTHON=... to choose the interpreter; default .venv/bin/python,
 #        else python3). Output is also written to $OUT/gpu_check.log when $OUT is set.
 # Exit status: non-zero when a test failed or a stage timed out; the later stages still run.
@@ -70,6 +72,10 @@ echo "== model benchmark (CUDA, batch 1)"
 timeout 170 "$PY" tools/bench_models.py --device cuda --live-code --batch-size 1 --sizes 224 512 1024 \
   --models vim2_tiny deit_small_patch16_224 --modes infer train --repeats 5 --warmup 2 --worker-timeout 75 \
   --out-dir "${OUT:-bench_gpu_out}/models" || { rc=$?; echo "model benchmark: exit status $rc"; status=$rc; }
+
+echo
+echo "== profile (CUDA)"
+timeout 100 "$PY" tools/profile_cuda.py --size 1024 --rows 12 || { rc=$?; echo "profile: exit status $rc"; status=$rc; }
 
 echo
 echo "== done (status $status)"

@@ -65,6 +65,10 @@ def check(batch=2, dim=8, groups=1, N=4, Ls=(65,), D=True, z=True, bias=True, so
         delta_bias=0.3 * torch.randn(dim, generator=gen, dtype=torch.float64, device=DEVICE) if bias else None,
         initial_state=torch.randn(batch, dim, N, generator=gen, dtype=torch.float64, device=DEVICE) if h0 else None,
     )
+    if not softplus:  # Δ is used as given: keep it positive, as real step sizes are (else exp(+ΔA) overflows)
+        inputs["delta"] = inputs["delta"].abs()
+        if bias:
+            inputs["delta_bias"] = inputs["delta_bias"].abs()
     for name in ("u", "delta", "z", "B", "C"):
         if inputs[name] is not None:
             inputs[name] = inputs[name].to(dtype).double()  # the oracle sees exactly the backend's inputs
