@@ -6,22 +6,30 @@ the generic scan, every token needs its own ``(N, E)`` B and C per direction: at
 outputs. Here only the (T, E) input ``v`` and gate ``z`` are read; on CPU the fused C kernel
 (``selective_scan/csrc/channel_mixer_cpu.c``) forms everything else on the fly and keeps nothing for
 backward (it recomputes). Elsewhere (CUDA, float64, no C compiler) the same function runs the unfused
-composition below through :func:`bidirectional_scan`, which is also the tests' oracle.
+composition below through :func:`bidirectional_scan`, which is also the tests' oracle. With autograd,
+that composition runs on chunks of tokens under non-reentrant activation checkpointing, so that training
+keeps only v, z and the output instead of every token's (2, N, E) B and C, 2N times the size of v (on an
+H200, ViM2-T's 1024x1024 training step peaked at 13.6 GB with the whole-map composition, mostly those).
 """
 from __future__ import annotations
 
 import ctypes
+import functools
 from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from .bidirectional import bidirectional_scan
 from .selective_scan import cpu_backend
 from .selective_scan.dispatch import resolve_backend
 
 MAX_CONV_WIDTH = 8  # CM_MAX_CONV in the C source
+# (tokens x E) elements per recomputed chunk of the unfused composition under autograd: its transient
+# per-token B and C are then 2 x N x 2**20 floats each (128 MB at N=16), whatever the batch and image size.
+RECOMPUTE_CHUNK_ELEMENTS = 2**20
 
 
 def channel_mixer_scan(
@@ -68,7 +76,23 @@ def channel_mixer_scan(
     name = resolve_backend(backend, v.device, v.dtype, A.shape[1])
     if name == "cpu" and conv_weight.shape[1] <= MAX_CONV_WIDTH:
         return torch.ops.vim2_kernels.channel_mixer_fwd(v, z, *params)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (v, z, *params))
+    if needs_grad:
+        return _recomputed_in_token_chunks(v, z, params, name)
     return channel_mixer_scan_unfused(v, z, *params, backend=name)
+
+
+def _recomputed_in_token_chunks(v: Tensor, z: Optional[Tensor], params, backend: str) -> Tensor:
+    """The unfused composition with autograd, chunk by chunk of tokens, each chunk recomputed in backward
+    (it is row-wise in tokens, so chunks are independent; parameter gradients add up over chunks)."""
+    run = functools.partial(channel_mixer_scan_unfused, backend=backend)
+    chunk = max(1, RECOMPUTE_CHUNK_ELEMENTS // max(1, v.shape[1]))
+    parts = [
+        checkpoint(run, v[start:start + chunk], None if z is None else z[start:start + chunk], *params,
+                   use_reentrant=False, preserve_rng_state=False)  # no randomness inside
+        for start in range(0, v.shape[0], chunk)
+    ]
+    return torch.cat(parts)
 
 
 def channel_mixer_scan_unfused(v, z, conv_weight, conv_bias, delta_weight, delta_bias, B_weight, B_bias,

@@ -111,6 +111,70 @@ def test_auto_on_float64_runs_the_unfused_path():
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("gate,chunk_tokens", [(True, 7), (False, 7), (True, 1000)])  # 5 chunks or 1
+def test_unfused_path_with_autograd_recomputes_token_chunks(monkeypatch, gate, chunk_tokens):
+    """Off the fused kernel (CUDA, float64, no compiler) training runs the composition in checkpointed
+    token chunks: same output and gradients as the whole-map composition, and autograd keeps only the
+    inputs and chunk outputs, not every token's (2, N, E) B and C."""
+    from vim2_kernels import channel_mixer as cm
+
+    monkeypatch.setattr(cm, "RECOMPUTE_CHUNK_ELEMENTS", chunk_tokens * 24)
+    x = make_inputs(30, 24, 8, gate=gate)  # chunks of 7 tokens: the last one partial
+    dout = torch.randn(30, 24, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    want, want_grads = run(channel_mixer_scan_unfused, x, torch.float64, dout, backend="torch")
+    got, grads = run(channel_mixer_scan, x, torch.float64, dout, backend="torch")
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert grads.keys() == want_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, want_grads[name], rtol=1e-10, atol=1e-10, msg=name)
+
+    def saved_bytes(fn):  # distinct storages kept for backward (chunks of v and shared parameters count once)
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        leaves = {k: None if t is None else t.clone().requires_grad_(True) for k, t in x.items()}
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(leaves["v"], leaves["z"], *(leaves[k] for k in PARAMS), backend="torch")
+        return sum(storages.values())
+
+    per_token_bc = 2 * 2 * 30 * 8 * 24 * 8  # B and C, 2 directions, float64
+    assert saved_bytes(channel_mixer_scan_unfused) > per_token_bc
+    assert saved_bytes(channel_mixer_scan) < per_token_bc / 4
+
+
+def test_recomputed_path_compiles_fullgraph_with_gradients(monkeypatch):
+    from vim2_kernels import channel_mixer as cm
+
+    monkeypatch.setattr(cm, "RECOMPUTE_CHUNK_ELEMENTS", 7 * 12)
+    x = {k: t.float().requires_grad_(True) for k, t in make_inputs(20, 12, 4).items()}
+    args = (x["v"], x["z"], *(x[k] for k in PARAMS))
+
+    def step(v, z, *params):
+        return torch.nn.functional.gelu(channel_mixer_scan(v * 2, z, *params, backend="torch")).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = compiled(*args)
+    want = step(*args)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(torch.autograd.grad(got, args), torch.autograd.grad(want, args)):
+        torch.testing.assert_close(g, w)
+
+
+def test_unfused_path_without_autograd_is_not_checkpointed(monkeypatch):
+    from vim2_kernels import channel_mixer as cm
+
+    monkeypatch.setattr(cm, "RECOMPUTE_CHUNK_ELEMENTS", 7 * 24)
+    calls = []
+    monkeypatch.setattr(cm, "checkpoint", lambda *a, **k: calls.append(1))
+    x = make_inputs(30, 24, 8)
+    with torch.no_grad():
+        channel_mixer_scan(x["v"], x["z"], *(x[k] for k in PARAMS), backend="torch")
+    assert not calls
+
+
 @pytest.mark.parametrize("name,bad,match", [
     ("v", torch.zeros(4, 5, 6), r"v must be a \(T, E\) tensor"),
     ("z", torch.zeros(4, 6), r"z must have shape \(4, 5\)"),
