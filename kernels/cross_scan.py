@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .selective_scan.dispatch import resolve_backend
@@ -253,13 +254,16 @@ def cross_scan_2d(
                 u, delta, delta_proj_weight, A, B, C, D, delta_bias, bool(delta_softplus), ",".join(routes),
                 keep_states,
             )[0]
-        delta = torch.einsum("bhwkr,kdr->bhwkd", delta, delta_proj_weight.to(delta.dtype)).to(u.dtype)
-
+    # Without autograd, routes accumulate in place and (low-rank Δ) only one route's Δ exists at a time.
+    in_place = not _needs_grad(u, delta, delta_proj_weight, A, B, C, D, delta_bias)
     total = None
     for k, route in enumerate(routes):
         perm, reverse = _ROUTE_LAYOUT[route]
+        route_delta = delta[:, :, :, k]
+        if delta_proj_weight is not None:  # (batch, H, W, R) @ (dim, R)^T
+            route_delta = F.linear(route_delta, delta_proj_weight[k].to(delta.dtype)).to(u.dtype)
         # (batch, dim, L1, L2) views of u and route k's Δ; (batch, 1, N, L1, L2) of its B and C
-        seq_u, seq_delta, seq_B, seq_C = _route_views(route, u, delta[:, :, :, k], B, C, k=k)
+        seq_u, seq_delta, seq_B, seq_C = _route_views(route, u, route_delta, B, C, k=k)
         out, _ = run_scan(
             seq_u, seq_delta, A[k], seq_B, seq_C,
             None if D is None else D[k], None,
@@ -267,5 +271,8 @@ def cross_scan_2d(
             delta_softplus, reverse, backend, n_seq_dims=2,
         )
         out = out.permute(_inverse(perm))  # (batch, dim, L1, L2) -> (batch, H, W, dim)
-        total = out if total is None else total + out
+        if total is None:
+            total = out  # a fresh buffer of the scan's: with in_place, later routes accumulate into it
+        else:
+            total = total.add_(out) if in_place else total + out
     return total

@@ -63,6 +63,27 @@ def test_fused_inference_matches_oracle(batch, height, width, dim, rank, routes)
     torch.testing.assert_close(got.double(), oracle(x, routes), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("routes", [vim2_kernels.ROUTES, ("col_rev",)])
+@pytest.mark.parametrize("low_rank", [True, False])
+def test_unfused_inference_accumulates_routes_in_place(backend, routes, low_rank):
+    """Off the fused op (CUDA, float64) without autograd: one route's Δ at a time, routes summed into the
+    first route's output buffer; the same values as the oracle, and the inputs are left untouched."""
+    x = lowrank_inputs(batch=2, height=4, width=3, dim=6, d_state=3, rank=2, n_routes=len(routes))
+    before = {k: v.clone() for k, v in x.items()}
+    with torch.no_grad():
+        if low_rank:
+            got = cross_scan_2d(x["u"], x["dts"], x["A"], x["B"], x["C"], x["D"], x["delta_bias"], True, routes,
+                                delta_proj_weight=x["W"], backend=backend)
+        else:
+            delta = torch.einsum("bhwkr,kdr->bhwkd", x["dts"], x["W"])
+            got = cross_scan_2d(x["u"], delta, x["A"], x["B"], x["C"], x["D"], x["delta_bias"], True, routes,
+                                backend=backend)
+    torch.testing.assert_close(got, oracle(x, routes), rtol=1e-10, atol=1e-10)
+    for k, v in x.items():
+        assert torch.equal(v, before[k]), f"{k} was modified"
+
+
 @needs_cpu_kernel
 def test_fused_path_keeps_states_only_for_a_backward(monkeypatch):
     """One fused kernel call per route, summed in place; chunk states are written only when autograd
