@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from . import channel_mixer_triton
 from .bidirectional import bidirectional_scan
 from .selective_scan import cpu_backend
 from .selective_scan.dispatch import resolve_backend
@@ -65,8 +66,9 @@ def channel_mixer_scan(
         delta_weight: (2,); delta_bias: (2, E).
         B_weight, C_weight: (2, N); B_bias, C_bias: (2, N, E).
         A: (2, N) (negative; -exp(A_log)); D: (2,).
-        backend: as for ``selective_scan_fn``; 'cpu' (the default on CPU) runs the fused kernel, any
-            other backend the unfused composition.
+        backend: as for ``selective_scan_fn``; 'cpu' (the default on CPU) runs the fused C kernel;
+            'triton' (the default on CUDA) the fused Triton forward without autograd and the unfused
+            composition, recomputed in token chunks, with it; 'torch'/'reference' the unfused one.
 
     Returns:
         (T, E) in v's dtype.
@@ -77,6 +79,8 @@ def channel_mixer_scan(
     if name == "cpu" and conv_weight.shape[1] <= MAX_CONV_WIDTH:
         return torch.ops.vim2_kernels.channel_mixer_fwd(v, z, *params)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (v, z, *params))
+    if name == "triton" and not needs_grad and conv_weight.shape[1] <= MAX_CONV_WIDTH:
+        return torch.ops.vim2_kernels.channel_mixer_fwd_triton(v, z, *params)
     if needs_grad:
         return _recomputed_in_token_chunks(v, z, params, name)
     return channel_mixer_scan_unfused(v, z, *params, backend=name)
@@ -223,6 +227,21 @@ def _(dout, v, z, conv_weight, conv_bias, delta_weight, delta_bias, B_weight, B_
     params = (conv_weight, conv_bias, delta_weight, delta_bias, B_weight, B_bias, C_weight, C_bias, A, D)
     return [v.new_empty(v.shape), v.new_empty((0,)) if z is None else z.new_empty(z.shape)] + [
         p.new_empty(p.shape) for p in params]
+
+
+@torch.library.custom_op("vim2_kernels::channel_mixer_fwd_triton", mutates_args=())
+def _channel_mixer_fwd_triton(
+    v: Tensor, z: Optional[Tensor], conv_weight: Tensor, conv_bias: Tensor, delta_weight: Tensor,
+    delta_bias: Tensor, B_weight: Tensor, B_bias: Tensor, C_weight: Tensor, C_bias: Tensor, A: Tensor, D: Tensor,
+) -> Tensor:
+    """The fused Triton forward (inference only: no autograd formula is registered)."""
+    return channel_mixer_triton.channel_mixer_forward(v, z, conv_weight, conv_bias, delta_weight, delta_bias,
+                                                      B_weight, B_bias, C_weight, C_bias, A, D)
+
+
+@_channel_mixer_fwd_triton.register_fake
+def _(v, z, conv_weight, conv_bias, delta_weight, delta_bias, B_weight, B_bias, C_weight, C_bias, A, D):
+    return torch.empty(v.shape, dtype=v.dtype, device=v.device)
 
 
 def _setup_context(ctx, inputs, output):

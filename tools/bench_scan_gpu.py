@@ -135,6 +135,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names from SHAPES")
+    parser.add_argument("--no-channel-mixer", action="store_true", help="skip the fused channel mixer section")
     parser.add_argument("--tune-budget", type=float, default=0.0, help="seconds for the Triton setting sweep")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -184,9 +185,55 @@ def main(argv=None) -> int:
             verdict = "ok" if pct >= 50.0 else "below goal"
             print(f"  {shape_name:30s} {dtype_name:9s} {pass_name:8s} {pct:6.1f}%  {verdict}")
 
+    if not args.no_channel_mixer:
+        channel_mixer_section(peak)
     if args.tune_budget > 0:
         tune(backends["triton"], shapes, args.tune_budget, peak)
     return 0
+
+
+# ViM2-T channel mixers, inference: (tokens, expanded width E); N = 16.
+CHANNEL_MIXER_SHAPES = {
+    "stage 1 at 1024px T65536 E192": (65536, 192),
+    "stage 3 at 1024px T4096 E768": (4096, 768),
+    "stage 1 at 224px x32 T100352 E192": (32 * 3136, 192),
+}
+
+
+def channel_mixer_section(peak):
+    """The fused Triton channel mixer (what inference runs) against the unfused composition through the
+    Triton scan (what ran before it, and what training recomputes), forward, float32 and bfloat16."""
+    from vim2_kernels.channel_mixer import channel_mixer_scan, channel_mixer_scan_unfused
+
+    print("\nChannel mixer forward (no autograd): fused Triton kernel vs unfused composition; "
+          "floor = read v, z + write out")
+    for name, (tokens, length) in CHANNEL_MIXER_SHAPES.items():
+        for dtype in (torch.float32, torch.bfloat16):
+            g = torch.Generator(device=DEVICE).manual_seed(0)
+            r = lambda *shape: torch.randn(*shape, generator=g, device=DEVICE)  # noqa: E731
+            v, z = r(tokens, length).to(dtype), r(tokens, length).to(dtype)
+            params = (0.5 * r(2, 4), 0.1 * r(2), r(2), 0.5 * r(2, length) - 2.0, r(2, 16), 0.3 * r(2, 16, length),
+                      r(2, 16), 0.3 * r(2, 16, length), -(torch.rand(2, 16, generator=g, device=DEVICE) + 0.2),
+                      r(2))
+            floor = 3 * v.numel() * v.element_size()
+            with torch.no_grad():
+                fused = cuda_time_ms(lambda: channel_mixer_scan(v, z, *params, backend="triton"))
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                channel_mixer_scan(v, z, *params, backend="triton")
+                fused_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+                try:
+                    unfused = cuda_time_ms(lambda: channel_mixer_scan_unfused(v, z, *params, backend="triton"))
+                    torch.cuda.reset_peak_memory_stats()
+                    channel_mixer_scan_unfused(v, z, *params, backend="triton")
+                    unfused_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+                except torch.cuda.OutOfMemoryError:
+                    unfused, unfused_mb = float("nan"), float("nan")
+            pct = 100.0 * floor / (fused * 1e-3) / 1e9 / peak
+            print(f"  {name:34s} {str(dtype)[6:]:9s} fused {fused:8.3f} ms ({pct:5.1f}% floor, +{fused_mb:.0f} MB)"
+                  f"  unfused {unfused:8.3f} ms (+{unfused_mb:.0f} MB)  {unfused / fused:6.1f}x")
+            del v, z, params
+            torch.cuda.empty_cache()
 
 
 def tune(tb, shapes, budget, peak):

@@ -260,6 +260,27 @@ def test_cross_scan_with_low_rank_delta_matches_oracle():
         assert err <= TOLERANCE[torch.float32] * max(1.0, want.abs().max().item()), name
 
 
+@pytest.mark.parametrize("tokens,length,d_state,width", [(1, 1, 1, 1), (37, 48, 16, 4), (300, 192, 16, 4),
+                                                       (70, 1536, 16, 4), (20, 9, 2, 6)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_channel_mixer_forward_matches_oracle(tokens, length, d_state, width, dtype):
+    """The fused Triton channel mixer (inference path) against the float64 unfused composition."""
+    from vim2_kernels.channel_mixer import channel_mixer_scan, channel_mixer_scan_unfused
+    from test_channel_mixer import PARAMS, make_inputs
+
+    x = make_inputs(tokens, length, d_state, width=width)
+    for name in ("v", "z"):
+        x[name] = x[name].to(dtype).double()
+    want = channel_mixer_scan_unfused(x["v"], x["z"], *(x[k] for k in PARAMS), backend="reference")
+    gpu = {k: t.to(DEVICE, dtype if k in ("v", "z") else torch.float32) for k, t in x.items()}
+    with torch.no_grad():
+        got = channel_mixer_scan(gpu["v"], gpu["z"], *(gpu[k] for k in PARAMS))
+    assert got.dtype == dtype
+    scale = max(1.0, want.abs().max().item())
+    tol = {torch.float32: 2e-5, torch.bfloat16: 3e-2}[dtype]
+    assert (got.double().cpu() - want).abs().max().item() <= tol * scale
+
+
 def test_vim2_model_on_cuda_matches_cpu():
     """A whole ViM2 (test_vim2: token and channel mixers, weighted averaging) on CUDA against the same
     weights on the CPU: forward, parameter gradients, and a bf16-autocast forward without NaN."""
