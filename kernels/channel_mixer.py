@@ -3,19 +3,22 @@
 ViM2 scans each token's expanded channel axis (E = 192..1536 positions) in both directions. Written with
 the generic scan, every token needs its own ``(N, E)`` B and C per direction: at 1024x1024 input
 (65 536 stage-1 tokens, E = 192, N = 16) that is 1.6 GB each for B and C, plus the (2, T, E) conv
-outputs. Here only the (T, E) input ``v`` and gate ``z`` are read; on CPU the fused C kernel
-(``selective_scan/csrc/channel_mixer_cpu.c``) forms everything else on the fly and keeps nothing for
-backward (it recomputes). Elsewhere (CUDA, float64, no C compiler) the same function runs the unfused
-composition below through :func:`bidirectional_scan`, which is also the tests' oracle. With autograd,
-that composition runs on chunks of tokens under non-reentrant activation checkpointing, so that training
-keeps only v, z and the output instead of every token's (2, N, E) B and C, 2N times the size of v (on an
-H200, ViM2-T's 1024x1024 training step peaked at 13.6 GB with the whole-map composition, mostly those).
+outputs. Here only the (T, E) input ``v`` and gate ``z`` are read:
+
+* CPU (``cpu`` backend): a fused C kernel (``selective_scan/csrc/channel_mixer_cpu.c``) forms everything
+  else on the fly and keeps nothing for backward (it recomputes);
+* CUDA (``triton`` backend): fused Triton kernels (``channel_mixer_triton.py``), forward and backward;
+  for backward the forward keeps one state per 32-position block (the size of v at N = 16);
+* elsewhere (float64 on CPU, no C compiler, ``torch``/``reference`` backends): the unfused composition
+  below through :func:`bidirectional_scan`, which is also the tests' oracle. With autograd it runs on
+  chunks of tokens under non-reentrant activation checkpointing, so that training keeps only v, z and
+  the output instead of every token's B and C, 2N times the size of v.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -67,8 +70,8 @@ def channel_mixer_scan(
         B_weight, C_weight: (2, N); B_bias, C_bias: (2, N, E).
         A: (2, N) (negative; -exp(A_log)); D: (2,).
         backend: as for ``selective_scan_fn``; 'cpu' (the default on CPU) runs the fused C kernel;
-            'triton' (the default on CUDA) the fused Triton forward without autograd and the unfused
-            composition, recomputed in token chunks, with it; 'torch'/'reference' the unfused one.
+            'triton' (the default on CUDA) the fused Triton kernels (forward and backward);
+            'torch'/'reference' the unfused composition (recomputed in token chunks under autograd).
 
     Returns:
         (T, E) in v's dtype.
@@ -79,8 +82,8 @@ def channel_mixer_scan(
     if name == "cpu" and conv_weight.shape[1] <= MAX_CONV_WIDTH:
         return torch.ops.vim2_kernels.channel_mixer_fwd(v, z, *params)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (v, z, *params))
-    if name == "triton" and not needs_grad and conv_weight.shape[1] <= MAX_CONV_WIDTH:
-        return torch.ops.vim2_kernels.channel_mixer_fwd_triton(v, z, *params)
+    if name == "triton" and conv_weight.shape[1] <= MAX_CONV_WIDTH:
+        return torch.ops.vim2_kernels.channel_mixer_fwd_triton(v, z, *params, needs_grad)[0]
     if needs_grad:
         return _recomputed_in_token_chunks(v, z, params, name)
     return channel_mixer_scan_unfused(v, z, *params, backend=name)
@@ -233,15 +236,69 @@ def _(dout, v, z, conv_weight, conv_bias, delta_weight, delta_bias, B_weight, B_
 def _channel_mixer_fwd_triton(
     v: Tensor, z: Optional[Tensor], conv_weight: Tensor, conv_bias: Tensor, delta_weight: Tensor,
     delta_bias: Tensor, B_weight: Tensor, B_bias: Tensor, C_weight: Tensor, C_bias: Tensor, A: Tensor, D: Tensor,
-) -> Tensor:
-    """The fused Triton forward (inference only: no autograd formula is registered)."""
-    return channel_mixer_triton.channel_mixer_forward(v, z, conv_weight, conv_bias, delta_weight, delta_bias,
-                                                      B_weight, B_bias, C_weight, C_bias, A, D)
+    keep_for_backward: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The fused Triton forward: (out, saved, y) (``saved``/``y`` empty unless ``keep_for_backward``)."""
+    args = (v, z, conv_weight, conv_bias, delta_weight, delta_bias, B_weight, B_bias, C_weight, C_bias, A, D)
+    if keep_for_backward:
+        return channel_mixer_triton.channel_mixer_forward(*args, keep_for_backward=True)
+    empty = v.new_empty((0,), dtype=torch.float64 if v.dtype == torch.float64 else torch.float32)
+    return channel_mixer_triton.channel_mixer_forward(*args), empty, empty.clone()
 
 
 @_channel_mixer_fwd_triton.register_fake
-def _(v, z, conv_weight, conv_bias, delta_weight, delta_bias, B_weight, B_bias, C_weight, C_bias, A, D):
-    return torch.empty(v.shape, dtype=v.dtype, device=v.device)
+def _(v, z, conv_weight, conv_bias, delta_weight, delta_bias, B_weight, B_bias, C_weight, C_bias, A, D,
+      keep_for_backward):
+    state = torch.float64 if v.dtype == torch.float64 else torch.float32
+    if keep_for_backward:
+        saved = v.new_empty(channel_mixer_triton.saved_shape(v.shape[0], v.shape[1], A.shape[1]), dtype=state)
+        y = v.new_empty(v.shape, dtype=state)
+    else:
+        saved, y = v.new_empty((0,), dtype=state), v.new_empty((0,), dtype=state)
+    return v.new_empty(v.shape), saved, y
+
+
+@torch.library.custom_op("vim2_kernels::channel_mixer_bwd_triton", mutates_args=())
+def _channel_mixer_bwd_triton(
+    dout: Tensor, v: Tensor, z: Optional[Tensor], conv_weight: Tensor, conv_bias: Tensor, delta_weight: Tensor,
+    delta_bias: Tensor, B_weight: Tensor, B_bias: Tensor, C_weight: Tensor, C_bias: Tensor, A: Tensor, D: Tensor,
+    saved: Tensor, y: Tensor,
+) -> List[Tensor]:
+    grads = channel_mixer_triton.channel_mixer_backward(
+        dout, v, z, conv_weight, conv_bias, delta_weight, delta_bias, B_weight, B_bias, C_weight, C_bias, A, D,
+        saved, y)
+    if grads[1] is None:
+        grads[1] = v.new_empty((0,))  # custom ops return tensors; the autograd formula maps it to None
+    return grads
+
+
+@_channel_mixer_bwd_triton.register_fake
+def _(dout, v, z, conv_weight, conv_bias, delta_weight, delta_bias, B_weight, B_bias, C_weight, C_bias, A, D,
+      saved, y):
+    params = (conv_weight, conv_bias, delta_weight, delta_bias, B_weight, B_bias, C_weight, C_bias, A, D)
+    return [v.new_empty(v.shape), v.new_empty((0,)) if z is None else z.new_empty(z.shape)] + [
+        p.new_empty(p.shape) for p in params]
+
+
+def _triton_setup_context(ctx, inputs, output):
+    *args, keep_for_backward = inputs
+    _, saved, y = output
+    ctx.keep = keep_for_backward
+    ctx.has_gate = args[1] is not None
+    ctx.save_for_backward(*args, saved, y)
+
+
+def _triton_backward(ctx, dout, _dsaved, _dy):
+    if not ctx.keep:
+        raise RuntimeError("channel_mixer_fwd_triton ran with keep_for_backward=False: no backward possible "
+                           "(call vim2_kernels.channel_mixer_scan, which keeps what the backward needs)")
+    grads = torch.ops.vim2_kernels.channel_mixer_bwd_triton(dout, *ctx.saved_tensors)
+    if not ctx.has_gate:
+        grads[1] = None
+    return (*grads, None)
+
+
+_channel_mixer_fwd_triton.register_autograd(_triton_backward, setup_context=_triton_setup_context)
 
 
 def _setup_context(ctx, inputs, output):

@@ -71,6 +71,63 @@ def test_large_steps_and_strongly_negative_A_stay_finite(settings):
     check(3, 16, 4, delta_shift=20.0)
 
 
+ALL_INPUTS = ("v", "z") + PARAMS
+
+
+def check_backward(tokens, length, d_state, width=4, gate=True, dtype=torch.float32, seed=0, **kw):
+    """channel_mixer_forward(keep_for_backward) + channel_mixer_backward against autograd through the
+    float64 unfused composition: every one of the 12 gradients."""
+    x = make_inputs(tokens, length, d_state, width=width, gate=gate, seed=seed, **kw)
+    for name in ("v", "z"):
+        if x[name] is not None:
+            x[name] = x[name].to(dtype).double()
+    dout = torch.randn(tokens, length, generator=torch.Generator().manual_seed(seed + 7), dtype=torch.float64)
+    dout = dout.to(dtype).double()
+    leaves = {k: None if t is None else t.clone().requires_grad_(True) for k, t in x.items()}
+    want = channel_mixer_scan_unfused(leaves["v"], leaves["z"], *(leaves[k] for k in PARAMS), backend="reference")
+    present = [k for k in ALL_INPUTS if leaves[k] is not None]
+    want_grads = dict(zip(present, torch.autograd.grad(want, [leaves[k] for k in present], dout)))
+    param = torch.float64 if dtype == torch.float64 else torch.float32
+    given = {k: None if t is None else t.to(dtype if k in ("v", "z") else param) for k, t in x.items()}
+    args = [given[k] for k in ALL_INPUTS]
+    out, saved, y = cmt.channel_mixer_forward(*args, keep_for_backward=True)
+    assert saved.shape == cmt.saved_shape(tokens, length, d_state)
+    grads = dict(zip(ALL_INPUTS, cmt.channel_mixer_backward(dout.to(dtype), *args, saved, y)))
+    tol = TOLERANCE[dtype]
+    for name in ALL_INPUTS:
+        if x[name] is None:
+            assert grads[name] is None, name
+            continue
+        got, expected = grads[name], want_grads[name]
+        assert got.shape == expected.shape and got.dtype == given[name].dtype, name
+        scale = max(1.0, expected.abs().max().item())
+        err = (got.double() - expected).abs().max().item()
+        assert err <= tol * scale, f"d{name}: max abs error {err:.2e}, scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("tokens,length,d_state,width,gate", [
+    (1, 1, 1, 1, True),
+    (5, 7, 3, 4, False),
+    (6, 19, 16, 4, True),     # blocks of 8: two full, one partial
+    (4, 12, 5, 6, True),
+    (2, 3, 2, 7, False),      # conv wider than the axis
+])
+def test_backward_matches_autograd_of_the_oracle(settings, tokens, length, d_state, width, gate):
+    settings(chunk=8)
+    check_backward(tokens, length, d_state, width, gate)
+
+
+def test_backward_with_several_tiles_per_program(settings):
+    settings(chunk=4, block_rows=2)  # 7 tokens: 4 tiles over 2 programs, the last tile partial
+    check_backward(7, 10, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_backward_dtypes(settings, dtype):
+    settings(chunk=8)
+    check_backward(4, 11, 4, dtype=dtype)
+
+
 def test_empty_inputs():
     x = {k: None if t is None else t.float() for k, t in make_inputs(0, 6, 3).items()}
     out = cmt.channel_mixer_forward(x["v"], x["z"], *(x[k] for k in PARAMS))
@@ -85,31 +142,49 @@ def settings(monkeypatch):
     return apply
 
 
-def test_channel_mixer_scan_uses_the_fused_forward_only_without_autograd(settings, monkeypatch):
-    """backend='triton': the custom op (fused kernel) for inference; with autograd the recomputed unfused
-    composition (the Triton forward has no backward), and both give the oracle's values."""
+@pytest.mark.parametrize("gate", [True, False])
+def test_channel_mixer_scan_runs_the_fused_ops_with_and_without_autograd(settings, monkeypatch, gate):
+    """backend='triton': the fused custom op in inference (keeping nothing) and in training (its
+    registered backward), with the oracle's output and gradients."""
     from vim2_kernels import channel_mixer as cm
 
     settings(chunk=8)
-    x = {k: None if t is None else t.float() for k, t in make_inputs(4, 10, 3).items()}
-    args = (x["v"], x["z"], *(x[k] for k in PARAMS))
-    want = channel_mixer_scan_unfused(*args, backend="reference")
-    calls = []
-    real = cmt.channel_mixer_forward
-    monkeypatch.setattr(cmt, "channel_mixer_forward", lambda *a: calls.append(1) or real(*a))
+    x = {k: None if t is None else t.float() for k, t in make_inputs(4, 10, 3, gate=gate).items()}
+    args = [x[k] for k in ALL_INPUTS]
+    monkeypatch.setattr(cm, "channel_mixer_scan_unfused", None)  # must not be used
     with torch.no_grad():
         got = cm.channel_mixer_scan(*args, backend="triton")
-    assert calls == [1]
+    want = channel_mixer_scan_unfused(*args, backend="reference")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    leaves = [t.clone().requires_grad_(True) for t in args]
+    leaves = [None if t is None else t.clone().requires_grad_(True) for t in args]
     got = cm.channel_mixer_scan(*leaves, backend="triton")
-    assert calls == [1] and got.requires_grad
-    torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-5)
+    dout = torch.randn_like(got)
+    present = [t for t in leaves if t is not None]
+    got_grads = torch.autograd.grad(got, present, dout)
+    ref = [None if t is None else t.clone().requires_grad_(True) for t in args]
+    want = channel_mixer_scan_unfused(*ref, backend="reference")
+    want_grads = torch.autograd.grad(want, [t for t in ref if t is not None], dout)
+    torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
-def test_fused_forward_op_passes_opcheck(settings):
+def test_fused_ops_pass_opcheck_and_compile(settings):
     settings(chunk=8)
-    x = {k: None if t is None else t.float() for k, t in make_inputs(3, 9, 2).items()}
-    args = (x["v"], x["z"], *(x[k] for k in PARAMS))
-    torch.library.opcheck(torch.ops.vim2_kernels.channel_mixer_fwd_triton.default, args,
-                          test_utils=("test_schema", "test_faketensor"))
+    x = {k: t.float().requires_grad_(True) for k, t in make_inputs(3, 9, 2).items()}
+    args = [x[k] for k in ALL_INPUTS]
+    torch.library.opcheck(torch.ops.vim2_kernels.channel_mixer_fwd_triton.default, (*args, True))
+    out, saved, y = torch.ops.vim2_kernels.channel_mixer_fwd_triton(*(a.detach() for a in args), True)
+    torch.library.opcheck(torch.ops.vim2_kernels.channel_mixer_bwd_triton.default,
+                          (torch.randn_like(out), *(a.detach() for a in args), saved, y))
+
+    from vim2_kernels.channel_mixer import channel_mixer_scan
+
+    def step(v, z, *params):
+        return torch.nn.functional.gelu(channel_mixer_scan(v * 2, z, *params, backend="triton")).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got, want = compiled(*args), step(*args)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(torch.autograd.grad(got, args), torch.autograd.grad(want, args)):
+        torch.testing.assert_close(g, w)

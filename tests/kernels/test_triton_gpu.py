@@ -263,22 +263,30 @@ def test_cross_scan_with_low_rank_delta_matches_oracle():
 @pytest.mark.parametrize("tokens,length,d_state,width", [(1, 1, 1, 1), (37, 48, 16, 4), (300, 192, 16, 4),
                                                        (70, 1536, 16, 4), (20, 9, 2, 6)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_channel_mixer_forward_matches_oracle(tokens, length, d_state, width, dtype):
-    """The fused Triton channel mixer (inference path) against the float64 unfused composition."""
+def test_fused_channel_mixer_matches_oracle(tokens, length, d_state, width, dtype):
+    """The fused Triton channel mixer (forward and backward) against the float64 unfused composition."""
     from vim2_kernels.channel_mixer import channel_mixer_scan, channel_mixer_scan_unfused
     from test_channel_mixer import PARAMS, make_inputs
 
+    names = ("v", "z") + PARAMS
     x = make_inputs(tokens, length, d_state, width=width)
     for name in ("v", "z"):
         x[name] = x[name].to(dtype).double()
-    want = channel_mixer_scan_unfused(x["v"], x["z"], *(x[k] for k in PARAMS), backend="reference")
-    gpu = {k: t.to(DEVICE, dtype if k in ("v", "z") else torch.float32) for k, t in x.items()}
+    ref = {k: t.clone().requires_grad_(True) for k, t in x.items()}
+    want = channel_mixer_scan_unfused(*(ref[k] for k in names), backend="reference")
+    dout = torch.randn(want.shape, dtype=torch.float64).to(dtype)
+    want_grads = torch.autograd.grad(want, [ref[k] for k in names], dout.double())
+    gpu = {k: t.to(DEVICE, dtype if k in ("v", "z") else torch.float32).requires_grad_(True) for k, t in x.items()}
     with torch.no_grad():
-        got = channel_mixer_scan(gpu["v"], gpu["z"], *(gpu[k] for k in PARAMS))
-    assert got.dtype == dtype
-    scale = max(1.0, want.abs().max().item())
-    tol = {torch.float32: 2e-5, torch.bfloat16: 3e-2}[dtype]
-    assert (got.double().cpu() - want).abs().max().item() <= tol * scale
+        inferred = channel_mixer_scan(*(gpu[k] for k in names))
+    got = channel_mixer_scan(*(gpu[k] for k in names))
+    got_grads = torch.autograd.grad(got, [gpu[k] for k in names], dout.to(DEVICE))
+    tol = {torch.float32: 1e-4, torch.bfloat16: 4e-2}[dtype]
+    for name, value, expected in [("out", inferred, want), ("out (autograd)", got, want)] + list(
+            zip(("d" + k for k in names), got_grads, want_grads)):
+        scale = max(1.0, expected.abs().max().item())
+        err = (value.double().cpu() - expected.detach()).abs().max().item()
+        assert err <= tol * scale, f"{name}: max abs error {err:.2e}, scale {scale:.3g}"
 
 
 def test_vim2_model_on_cuda_matches_cpu():
