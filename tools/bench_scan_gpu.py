@@ -203,6 +203,7 @@ CHANNEL_MIXER_SHAPES = {
 def channel_mixer_section(peak):
     """The fused Triton channel mixer (what inference runs) against the unfused composition through the
     Triton scan (what ran before it, and what training recomputes), forward, float32 and bfloat16."""
+    from vim2_kernels import channel_mixer as cm
     from vim2_kernels.channel_mixer import channel_mixer_scan, channel_mixer_scan_unfused
 
     print("\nChannel mixer forward (no autograd): fused Triton kernel vs unfused composition; "
@@ -230,9 +231,23 @@ def channel_mixer_section(peak):
                 except torch.cuda.OutOfMemoryError:
                     unfused, unfused_mb = float("nan"), float("nan")
             pct = 100.0 * floor / (fused * 1e-3) / 1e9 / peak
-            print(f"  {name:34s} {str(dtype)[6:]:9s} fused {fused:8.3f} ms ({pct:5.1f}% floor, +{fused_mb:.0f} MB)"
-                  f"  unfused {unfused:8.3f} ms (+{unfused_mb:.0f} MB)  {unfused / fused:6.1f}x")
-            del v, z, params
+            print(f"  {name:34s} {str(dtype)[6:]:9s} fwd     fused {fused:8.3f} ms ({pct:5.1f}% floor, "
+                  f"+{fused_mb:.0f} MB)  unfused {unfused:8.3f} ms (+{unfused_mb:.0f} MB)  {unfused / fused:6.1f}x")
+            # Training: the fused op's forward+backward against the unfused composition recomputed in
+            # token chunks (what the torch backend runs), both through autograd.
+            leaves = [t.detach().requires_grad_(True) for t in (v, z, *params)]
+            dout = torch.randn_like(v)
+
+            def train_step(run):
+                torch.autograd.grad(run(leaves[0], leaves[1], leaves[2:]), leaves, dout)
+
+            fused_t = cuda_time_ms(lambda: train_step(
+                lambda a, b, p: channel_mixer_scan(a, b, *p, backend="triton")), max_reps=20)
+            unfused_t = cuda_time_ms(lambda: train_step(
+                lambda a, b, p: cm._recomputed_in_token_chunks(a, b, p, "triton")), max_reps=20)
+            print(f"  {name:34s} {str(dtype)[6:]:9s} fwd+bwd fused {fused_t:8.3f} ms  "
+                  f"recomputed unfused {unfused_t:8.3f} ms  {unfused_t / fused_t:6.1f}x")
+            del v, z, params, leaves, dout
             torch.cuda.empty_cache()
 
 
