@@ -35,6 +35,22 @@ if triton is not None:
         _block_adjoint, _block_states, _block_times, _last_in_scan_order, _sigmoid, _softplus, _sum)
 
     @triton.jit
+    def _direction_params(cb_ptr, dw_ptr, D_ptr, A_ptr, Bw_ptr, Cw_ptr, N, DIRECTION: tl.constexpr,
+                          BLOCK_N: tl.constexpr, COMPUTE: tl.constexpr):
+        """One direction's small parameters (contiguous, leading axis = direction); the (1, N, 1) ones
+        broadcast over (tokens, states, positions) tiles."""
+        offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+        n_ok = offs_n < N
+        pn = DIRECTION * N + offs_n
+        conv_bias = tl.load(cb_ptr + DIRECTION).to(COMPUTE)
+        delta_weight = tl.load(dw_ptr + DIRECTION).to(COMPUTE)
+        D = tl.load(D_ptr + DIRECTION).to(COMPUTE)
+        A3 = tl.load(A_ptr + pn, mask=n_ok, other=0.0).to(COMPUTE)[None, :, None]
+        Bw3 = tl.load(Bw_ptr + pn, mask=n_ok, other=0.0).to(COMPUTE)[None, :, None]
+        Cw3 = tl.load(Cw_ptr + pn, mask=n_ok, other=0.0).to(COMPUTE)[None, :, None]
+        return offs_n, n_ok, pn, conv_bias, delta_weight, D, A3, Bw3, Cw3
+
+    @triton.jit
     def _conv_pre(v_ptr, cw_ptr, rows, row_ok, t, E, sv_t, sv_e, conv_bias,
                   DIRECTION: tl.constexpr, K: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
                   COMPUTE: tl.constexpr):
@@ -66,15 +82,8 @@ if triton is not None:
         ddelta_weight in ``vec_part`` (slot, 3N + 2). Programs loop over token tiles pid, pid + G, ..."""
         pid = tl.program_id(0)
         n_progs = tl.num_programs(0)
-        offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
-        n_ok = offs_n < N
-        conv_bias = tl.load(cb_ptr + DIRECTION).to(COMPUTE)
-        delta_weight = tl.load(dw_ptr + DIRECTION).to(COMPUTE)
-        D = tl.load(D_ptr + DIRECTION).to(COMPUTE)
-        pn = DIRECTION * N + offs_n
-        A3 = tl.load(A_ptr + pn, mask=n_ok, other=0.0).to(COMPUTE)[None, :, None]
-        Bw3 = tl.load(Bw_ptr + pn, mask=n_ok, other=0.0).to(COMPUTE)[None, :, None]
-        Cw3 = tl.load(Cw_ptr + pn, mask=n_ok, other=0.0).to(COMPUTE)[None, :, None]
+        offs_n, n_ok, pn, conv_bias, delta_weight, D, A3, Bw3, Cw3 = _direction_params(
+            cb_ptr, dw_ptr, D_ptr, A_ptr, Bw_ptr, Cw_ptr, N, DIRECTION, BLOCK_N, COMPUTE)
         ones = tl.full((BLOCK_ROWS, BLOCK_N, BLOCK_T), 1.0, COMPUTE)
         dA_acc = tl.full((BLOCK_N,), 0.0, COMPUTE)
         dBw_acc = tl.full((BLOCK_N,), 0.0, COMPUTE)
@@ -149,16 +158,8 @@ if triton is not None:
         pid = tl.program_id(0).to(tl.int64)
         rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)
         row_ok = rows < T
-        offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
-        n_ok = offs_n < N
-        # This direction's small parameters (contiguous, leading axis = direction).
-        conv_bias = tl.load(cb_ptr + DIRECTION).to(COMPUTE)
-        delta_weight = tl.load(dw_ptr + DIRECTION).to(COMPUTE)
-        D = tl.load(D_ptr + DIRECTION).to(COMPUTE)
-        pn = DIRECTION * N + offs_n
-        A3 = tl.load(A_ptr + pn, mask=n_ok, other=0.0).to(COMPUTE)[None, :, None]
-        Bw3 = tl.load(Bw_ptr + pn, mask=n_ok, other=0.0).to(COMPUTE)[None, :, None]
-        Cw3 = tl.load(Cw_ptr + pn, mask=n_ok, other=0.0).to(COMPUTE)[None, :, None]
+        offs_n, n_ok, pn, conv_bias, delta_weight, D, A3, Bw3, Cw3 = _direction_params(
+            cb_ptr, dw_ptr, D_ptr, A_ptr, Bw_ptr, Cw_ptr, N, DIRECTION, BLOCK_N, COMPUTE)
         h = tl.full((BLOCK_ROWS, BLOCK_N), 0.0, COMPUTE)
         for i in range(0, n_blocks):
             c, t = _block_times(i, n_blocks, DIRECTION == 1, BLOCK_T)
