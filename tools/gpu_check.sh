@@ -68,18 +68,18 @@ timeout 200 "$PY" -m pytest -m gpu tests/kernels/test_triton_gpu.py -v -rfEs -p 
 
 echo
 echo "== benchmark"
-timeout 120 "$PY" tools/bench_scan_gpu.py --dtypes float32,bfloat16 --tune-budget 15 \
+timeout 150 "$PY" tools/bench_scan_gpu.py --dtypes float32,bfloat16 --tune-budget 40 \
   || { rc=$?; echo "benchmark: exit status $rc"; status=$rc; }
 
 echo
 echo "== model benchmark (CUDA, batch 1)"
-timeout 130 "$PY" tools/bench_models.py --device cuda --live-code --batch-size 1 --sizes 1024 \
+timeout 120 "$PY" tools/bench_models.py --device cuda --live-code --batch-size 1 --sizes 1024 \
   --models vim2_tiny deit_small_patch16_224 --modes infer train --repeats 5 --warmup 2 --worker-timeout 75 \
   --out-dir "${OUT:-bench_gpu_out}/models" || { rc=$?; echo "model benchmark: exit status $rc"; status=$rc; }
 
 echo
 echo "== profile (CUDA)"
-timeout 90 "$PY" tools/profile_cuda.py --size 1024 --rows 12 || { rc=$?; echo "profile: exit status $rc"; status=$rc; }
+timeout 80 "$PY" tools/profile_cuda.py --size 1024 --rows 12 || { rc=$?; echo "profile: exit status $rc"; status=$rc; }
 
 echo
 echo "== done (status $status)"
