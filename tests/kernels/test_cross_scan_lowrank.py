@@ -84,6 +84,19 @@ def test_unfused_inference_accumulates_routes_in_place(backend, routes, low_rank
         assert torch.equal(v, before[k]), f"{k} was modified"
 
 
+def test_unfused_inference_compiles_fullgraph():
+    """The in-place route accumulation stays traceable (functionalised) by torch.compile."""
+    x = {k: v.float() for k, v in lowrank_inputs(batch=2, height=4, width=3, dim=6, d_state=3, rank=2).items()}
+    args = [x[k] for k in ("u", "dts", "A", "B", "C", "D", "delta_bias", "W")]
+
+    def step(u, dts, A, B, C, D, bias, W):
+        return cross_scan_2d(u * 1.0, dts, A, B, C, D, bias, True, delta_proj_weight=W, backend="torch") * 2
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*args), step(*args))
+
+
 @needs_cpu_kernel
 def test_fused_path_keeps_states_only_for_a_backward(monkeypatch):
     """One fused kernel call per route, summed in place; chunk states are written only when autograd
