@@ -139,6 +139,9 @@ if triton is not None:
                 tl.store(dBb_ptrs, tl.load(dBb_ptrs, mask=bc_ok, other=0.0) + _sum(dB, axis=0), mask=bc_ok)
                 dCb_ptrs = pos_part_ptr + (slot + 1 + N + offs_n[:, None]) * E + t[None, :]
                 tl.store(dCb_ptrs, tl.load(dCb_ptrs, mask=bc_ok, other=0.0) + _sum(dC, axis=0), mask=bc_ok)
+                # The next tile re-reads these addresses, maybe from other threads of this program:
+                # __syncthreads makes the stores visible to them (CUDA's rule for global memory).
+                tl.debug_barrier()
         vec = vec_part_ptr + pid.to(tl.int64) * (3 * N + 2)
         tl.store(vec + offs_n, dA_acc, mask=n_ok)
         tl.store(vec + N + offs_n, dBw_acc, mask=n_ok)
@@ -292,7 +295,14 @@ def channel_mixer_backward(dout: Tensor, v: Tensor, z: Optional[Tensor], conv_we
     g = g.contiguous()
     dpre = torch.zeros((2, tokens, length), dtype=acc_dtype, device=v.device)
     plan = _Plan(v, d_state, backward=True)
-    programs = max(1, min(plan.n_tiles, 2 if tb._INTERPRETED else 2 * tb._num_sms(v.device)))
+    # Programs loop over token tiles, each with its own slot of per-position partials ((1 + 2N) x E floats):
+    # about 8 per SM for occupancy (their loop is latency-bound), with the slots capped at 64 MB.
+    if tb._INTERPRETED:
+        programs = min(plan.n_tiles, 2)
+    else:
+        sms = tb._num_sms(v.device)
+        programs = min(plan.n_tiles, 8 * sms, max(sms, 2**24 // ((1 + 2 * d_state) * length)))
+    programs = max(1, programs)
     pos_part = torch.zeros((2, programs, 1 + 2 * d_state, length), dtype=acc_dtype, device=v.device)
     vec_part = torch.zeros((2, programs, 3 * d_state + 2), dtype=acc_dtype, device=v.device)
     if v.numel():
