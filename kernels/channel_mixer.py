@@ -93,11 +93,16 @@ def _recomputed_in_token_chunks(v: Tensor, z: Optional[Tensor], params, backend:
     """The unfused composition with autograd, chunk by chunk of tokens, each chunk recomputed in backward
     (it is row-wise in tokens, so chunks are independent; parameter gradients add up over chunks)."""
     run = functools.partial(channel_mixer_scan_unfused, backend=backend)
+    if v.shape[0] == 0:
+        return run(v, z, *params)
     chunk = max(1, RECOMPUTE_CHUNK_ELEMENTS // max(1, v.shape[1]))
+    # split, not slicing: one backward node for all chunks (a slice's backward would add a full-size
+    # zero tensor per chunk)
+    v_chunks = v.split(chunk)
+    z_chunks = [None] * len(v_chunks) if z is None else z.split(chunk)
     parts = [
-        checkpoint(run, v[start:start + chunk], None if z is None else z[start:start + chunk], *params,
-                   use_reentrant=False, preserve_rng_state=False)  # no randomness inside
-        for start in range(0, v.shape[0], chunk)
+        checkpoint(run, v_part, z_part, *params, use_reentrant=False, preserve_rng_state=False)  # no randomness
+        for v_part, z_part in zip(v_chunks, z_chunks)
     ]
     return torch.cat(parts)
 

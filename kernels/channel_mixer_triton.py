@@ -216,7 +216,8 @@ class _Plan:
         self.block_rows = tb._pick_block_rows(self.tokens, 1, self.block_n, self.block_t, v.device, backward)
         self.n_blocks = -(-self.length // self.block_t)
         self.n_tiles = -(-self.tokens // self.block_rows)
-        self.num_warps = tb._num_warps(self.block_rows * self.block_n * self.block_t)
+        # as the scan kernels: the backward keeps about twice as many tiles alive
+        self.num_warps = tb._num_warps((2 if backward else 1) * self.block_rows * self.block_n * self.block_t)
 
     def constexprs(self, **flags):
         return dict(BLOCK_ROWS=self.block_rows, BLOCK_N=self.block_n, BLOCK_T=self.block_t,
@@ -225,6 +226,25 @@ class _Plan:
 
 def _params(params, dtype: torch.dtype):
     return [p.detach().to(dtype).contiguous() for p in params]
+
+
+def _conv_backward(v: Tensor, dpre: Tensor, conv_weight: Tensor):
+    """(dv, dconv_weight) of pre[r, t, c] = bias[r] + sum_k w[r, k] * v[t, c + s_r(k)], zero outside the
+    axis, with s_0(k) = k - (K-1) and s_1(k) = (K-1) - k. As K (<= 8) shifted multiply-adds rather than
+    cuDNN's conv gradients: no TF32, deterministic sums."""
+    length, width = v.shape[1], conv_weight.shape[1]
+    pad = width - 1
+    v_pad = torch.nn.functional.pad(v, (pad, pad))
+    dpre_pad = torch.nn.functional.pad(dpre, (pad, pad))
+    dv = torch.zeros_like(v)
+    dweight = torch.empty_like(conv_weight)
+    for direction in (0, 1):
+        for k in range(width):
+            shift = k - pad if direction == 0 else pad - k
+            # pre[c] reads v[c + shift]; so v[p] feeds pre[p - shift]
+            dweight[direction, k] = (dpre[direction] * v_pad[:, pad + shift:pad + shift + length]).sum()
+            dv.addcmul_(dpre_pad[direction, :, pad - shift:pad - shift + length], conv_weight[direction, k])
+    return dv, dweight
 
 
 def saved_shape(tokens: int, length: int, d_state: int):
@@ -277,14 +297,16 @@ def channel_mixer_backward(dout: Tensor, v: Tensor, z: Optional[Tensor], conv_we
 
     The kernel recomputes each block from its checkpoint and runs the adjoint recurrence; it returns the
     gradient of the conv outputs before the SiLU, from which the conv's own gradients (dv, conv weight
-    and bias) are two small torch convolutions. Parameter sums over tokens are per-program partials
-    added by ``torch.sum``: deterministic.
+    and bias) follow by K shifted multiply-adds (:func:`_conv_backward`). Parameter sums over tokens are
+    per-program partials added by ``torch.sum``: deterministic.
     """
     tb._check_ready(v)
     acc_dtype, compute = tb._compute_dtype(v)
     tokens, length = v.shape
     d_state, width = A.shape[1], conv_weight.shape[1]
     params = (conv_weight, conv_bias, delta_weight, delta_bias, B_weight, B_bias, C_weight, C_bias, A, D)
+    if v.numel() == 0:  # nothing flows: zero parameter gradients
+        return [torch.zeros_like(v), None if z is None else torch.zeros_like(z)] + [torch.zeros_like(p) for p in params]
     g = dout.to(acc_dtype)
     dz = None
     if z is not None:
@@ -293,41 +315,31 @@ def channel_mixer_backward(dout: Tensor, v: Tensor, z: Optional[Tensor], conv_we
         dz = (g * y * sig * (1.0 + zc * (1.0 - sig))).to(z.dtype)
         g = g * (zc * sig)
     g = g.contiguous()
-    dpre = torch.zeros((2, tokens, length), dtype=acc_dtype, device=v.device)
+    dpre = torch.empty((2, tokens, length), dtype=acc_dtype, device=v.device)  # the kernel writes all of it
     plan = _Plan(v, d_state, backward=True)
     # Programs loop over token tiles, each with its own slot of per-position partials ((1 + 2N) x E floats):
-    # about 8 per SM for occupancy (their loop is latency-bound), with the slots capped at 64 MB.
+    # about 8 per SM for occupancy (their loop is latency-bound), all slots together at most 2**23 values.
+    slot_size = (1 + 2 * d_state) * length
     if tb._INTERPRETED:
         programs = min(plan.n_tiles, 2)
     else:
-        sms = tb._num_sms(v.device)
-        programs = min(plan.n_tiles, 8 * sms, max(sms, 2**24 // ((1 + 2 * d_state) * length)))
+        programs = min(plan.n_tiles, 8 * tb._num_sms(v.device), 2**22 // slot_size)
     programs = max(1, programs)
     pos_part = torch.zeros((2, programs, 1 + 2 * d_state, length), dtype=acc_dtype, device=v.device)
     vec_part = torch.zeros((2, programs, 3 * d_state + 2), dtype=acc_dtype, device=v.device)
-    if v.numel():
-        p = _params(params, acc_dtype)
-        for direction in (0, 1):
-            _channel_mixer_bwd_kernel[(programs,)](
-                g, v, *p, saved, dpre[direction], pos_part[direction], vec_part[direction],
-                tokens, length, d_state, plan.n_blocks, plan.n_tiles, v.stride(0), v.stride(1),
-                **plan.constexprs(DIRECTION=direction, K=width, COMPUTE=compute),
-            )
+    p = _params(params, acc_dtype)
+    for direction in (0, 1):
+        _channel_mixer_bwd_kernel[(programs,)](
+            g, v, *p, saved, dpre[direction], pos_part[direction], vec_part[direction],
+            tokens, length, d_state, plan.n_blocks, plan.n_tiles, v.stride(0), v.stride(1),
+            **plan.constexprs(DIRECTION=direction, K=width, COMPUTE=compute),
+        )
     pos, vec = pos_part.sum(1), vec_part.sum(1)  # (2, 1 + 2N, E), (2, 3N + 2)
     N = d_state
     ddelta_bias, dB_bias, dC_bias = pos[:, 0], pos[:, 1:1 + N], pos[:, 1 + N:]
     dA, dB_weight, dC_weight = vec[:, :N], vec[:, N:2 * N], vec[:, 2 * N:3 * N]
     dD, ddelta_weight = vec[:, 3 * N], vec[:, 3 * N + 1]
-    # The conv as in the unfused composition: one conv1d over both directions' taps (the reverse
-    # direction's flipped), outputs j of direction 0 and j + K - 1 of direction 1 at position j.
-    weight = torch.stack([conv_weight[0], conv_weight[1].flip(-1)]).unsqueeze(1).to(acc_dtype)
-    dconv_out = dpre.new_zeros((tokens, 2, length + width - 1))
-    dconv_out[:, 0, :length] = dpre[0]
-    dconv_out[:, 1, width - 1:] = dpre[1]
-    v_in = v.to(acc_dtype).unsqueeze(1)
-    dv = torch.nn.grad.conv1d_input(v_in.shape, weight, dconv_out, padding=width - 1).squeeze(1)
-    dweight = torch.nn.grad.conv1d_weight(v_in, weight.shape, dconv_out, padding=width - 1).squeeze(1)
-    dconv_weight = torch.stack([dweight[0], dweight[1].flip(-1)])
+    dv, dconv_weight = _conv_backward(v.to(acc_dtype), dpre, conv_weight.to(acc_dtype))
     dconv_bias = dpre.sum(dim=(1, 2))
     grads = (dconv_weight, dconv_bias, ddelta_weight, ddelta_bias, dB_weight, dB_bias, dC_weight, dC_bias, dA, dD)
     # copies: several of these are views of one partial-sum tensor (custom ops must not return aliases)

@@ -145,6 +145,15 @@ def test_unfused_path_with_autograd_recomputes_token_chunks(monkeypatch, gate, c
     assert saved_bytes(channel_mixer_scan) < per_token_bc / 4
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_unfused_path_with_autograd_and_no_tokens(backend):
+    x = {k: None if t is None else t.clone().requires_grad_(True) for k, t in make_inputs(0, 6, 3).items()}
+    out = channel_mixer_scan(x["v"], x["z"], *(x[k] for k in PARAMS), backend=backend)
+    assert out.shape == (0, 6)
+    out.sum().backward()
+    assert x["v"].grad.shape == (0, 6) and torch.equal(x["B_bias"].grad, torch.zeros(2, 3, 6, dtype=torch.float64))
+
+
 def test_recomputed_path_compiles_fullgraph_with_gradients(monkeypatch):
     from vim2_kernels import channel_mixer as cm
 

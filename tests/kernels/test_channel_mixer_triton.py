@@ -128,10 +128,17 @@ def test_backward_dtypes(settings, dtype):
     check_backward(4, 11, 4, dtype=dtype)
 
 
-def test_empty_inputs():
-    x = {k: None if t is None else t.float() for k, t in make_inputs(0, 6, 3).items()}
-    out = cmt.channel_mixer_forward(x["v"], x["z"], *(x[k] for k in PARAMS))
-    assert out.shape == (0, 6)
+@pytest.mark.parametrize("tokens,length", [(0, 6), (3, 0)])
+def test_empty_inputs(tokens, length):
+    x = {k: None if t is None else t.float().requires_grad_(True)
+         for k, t in make_inputs(tokens, length, 3).items()}
+    from vim2_kernels.channel_mixer import channel_mixer_scan
+
+    out = channel_mixer_scan(x["v"], x["z"], *(x[k] for k in PARAMS), backend="triton")
+    assert out.shape == (tokens, length)
+    out.sum().backward()
+    for name in ALL_INPUTS:
+        assert x[name].grad is not None and not x[name].grad.any(), name
 
 
 @pytest.fixture
