@@ -408,6 +408,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0:
         raise SystemExit("--batch-size and --repeats must be >= 1, --warmup >= 0")
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available here (torch.cuda.is_available() is False)")
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     machine = _machine_description(args.device)
@@ -452,6 +456,9 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"whole run {total / 60:.1f} min.")
     summary = summarise(rows)
     write_markdown(rows, out_dir / "bench.md", header, summary)
+    if not any(r.get("status") == "ok" for r in rows):
+        print(f"bench: no measurement succeeded (errors above); wrote {out_dir / 'bench.csv'}, {out_dir / 'bench.md'}")
+        return 1
     plot(rows, out_dir / "bench.png", f"ViM2-T vs timm peers, {args.device}, batch {args.batch_size}")
     print("\n".join(summary))
     print(f"bench: wrote {out_dir / 'bench.csv'}, {out_dir / 'bench.md'}, {out_dir / 'bench.png'}")
