@@ -63,12 +63,12 @@ fi
 status=0
 echo
 echo "== GPU tests (pytest -m gpu)"
-timeout 200 "$PY" -m pytest -m gpu tests/kernels/test_triton_gpu.py -v -rfEs -p no:cacheprovider \
+timeout 230 "$PY" -m pytest -m gpu tests/kernels/test_triton_gpu.py -v -rfEs -p no:cacheprovider \
   --durations=8 || { rc=$?; echo "GPU tests: exit status $rc"; status=$rc; }
 
 echo
 echo "== benchmark"
-timeout 150 "$PY" tools/bench_scan_gpu.py --dtypes float32,bfloat16 --tune-budget 40 \
+timeout 140 "$PY" tools/bench_scan_gpu.py --dtypes float32,bfloat16 --tune-budget 40 \
   || { rc=$?; echo "benchmark: exit status $rc"; status=$rc; }
 
 echo
