@@ -29,6 +29,8 @@ from . import channel_mixer_triton
 from .bidirectional import bidirectional_scan
 from .selective_scan import cpu_backend
 from .selective_scan.dispatch import resolve_backend
+from .selective_scan.interface import needs_grad
+from .selective_scan.triton_backend import saved_dtype as triton_state_dtype
 
 MAX_CONV_WIDTH = 8  # CM_MAX_CONV in the C source
 # (tokens x E) elements per recomputed chunk of the unfused composition under autograd: its transient
@@ -81,10 +83,10 @@ def channel_mixer_scan(
     name = resolve_backend(backend, v.device, v.dtype, A.shape[1])
     if name == "cpu" and conv_weight.shape[1] <= MAX_CONV_WIDTH:
         return torch.ops.vim2_kernels.channel_mixer_fwd(v, z, *params)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (v, z, *params))
+    with_grad = needs_grad(v, z, *params)
     if name == "triton" and conv_weight.shape[1] <= MAX_CONV_WIDTH:
-        return torch.ops.vim2_kernels.channel_mixer_fwd_triton(v, z, *params, needs_grad)[0]
-    if needs_grad:
+        return torch.ops.vim2_kernels.channel_mixer_fwd_triton(v, z, *params, with_grad)[0]
+    if with_grad:
         return _recomputed_in_token_chunks(v, z, params, name)
     return channel_mixer_scan_unfused(v, z, *params, backend=name)
 
@@ -247,14 +249,14 @@ def _channel_mixer_fwd_triton(
     args = (v, z, conv_weight, conv_bias, delta_weight, delta_bias, B_weight, B_bias, C_weight, C_bias, A, D)
     if keep_for_backward:
         return channel_mixer_triton.channel_mixer_forward(*args, keep_for_backward=True)
-    empty = v.new_empty((0,), dtype=torch.float64 if v.dtype == torch.float64 else torch.float32)
+    empty = v.new_empty((0,), dtype=triton_state_dtype(v.dtype))
     return channel_mixer_triton.channel_mixer_forward(*args), empty, empty.clone()
 
 
 @_channel_mixer_fwd_triton.register_fake
 def _(v, z, conv_weight, conv_bias, delta_weight, delta_bias, B_weight, B_bias, C_weight, C_bias, A, D,
       keep_for_backward):
-    state = torch.float64 if v.dtype == torch.float64 else torch.float32
+    state = triton_state_dtype(v.dtype)
     if keep_for_backward:
         saved = v.new_empty(channel_mixer_triton.saved_shape(v.shape[0], v.shape[1], A.shape[1]), dtype=state)
         y = v.new_empty(v.shape, dtype=state)

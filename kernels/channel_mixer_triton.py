@@ -339,7 +339,7 @@ def channel_mixer_backward(dout: Tensor, v: Tensor, z: Optional[Tensor], conv_we
     ddelta_bias, dB_bias, dC_bias = pos[:, 0], pos[:, 1:1 + N], pos[:, 1 + N:]
     dA, dB_weight, dC_weight = vec[:, :N], vec[:, N:2 * N], vec[:, 2 * N:3 * N]
     dD, ddelta_weight = vec[:, 3 * N], vec[:, 3 * N + 1]
-    dv, dconv_weight = _conv_backward(v.to(acc_dtype), dpre, conv_weight.to(acc_dtype))
+    dv, dconv_weight = _conv_backward(v.to(acc_dtype), dpre, p[0])  # p[0]: the conv weight, compute dtype
     dconv_bias = dpre.sum(dim=(1, 2))
     grads = (dconv_weight, dconv_bias, ddelta_weight, ddelta_bias, dB_weight, dB_bias, dC_weight, dC_bias, dA, dD)
     # copies: several of these are views of one partial-sum tensor (custom ops must not return aliases)

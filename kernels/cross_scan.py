@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .selective_scan.dispatch import resolve_backend
-from .selective_scan.interface import run_scan
+from .selective_scan.interface import needs_grad, run_scan
 
 ROUTES = ("row", "col", "row_rev", "col_rev")
 # route -> (permutation of a (batch, H, W, C) map into (batch, C, L1, L2), scan backwards?)
@@ -164,10 +164,6 @@ def _max_fused_rank() -> int:
     return MAX_DT_RANK
 
 
-def _needs_grad(*tensors: Optional[Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def cross_scan_2d(
     u: Tensor,
     delta: Tensor,
@@ -249,13 +245,13 @@ def cross_scan_2d(
             and delta_proj_weight.shape[2] <= _max_fused_rank()
         )
         if fused:
-            keep_states = _needs_grad(u, delta, delta_proj_weight, A, B, C, D, delta_bias)
+            keep_states = needs_grad(u, delta, delta_proj_weight, A, B, C, D, delta_bias)
             return torch.ops.vim2_kernels.cross_scan_lowrank_fwd(
                 u, delta, delta_proj_weight, A, B, C, D, delta_bias, bool(delta_softplus), ",".join(routes),
                 keep_states,
             )[0]
     # Without autograd, routes accumulate in place and (low-rank Δ) only one route's Δ exists at a time.
-    in_place = not _needs_grad(u, delta, delta_proj_weight, A, B, C, D, delta_bias)
+    in_place = not needs_grad(u, delta, delta_proj_weight, A, B, C, D, delta_bias)
     total = None
     for k, route in enumerate(routes):
         perm, reverse = _ROUTE_LAYOUT[route]

@@ -38,6 +38,12 @@ def _state_dtype(u: Tensor) -> torch.dtype:
     return torch.float64 if u.dtype == torch.float64 else torch.float32
 
 
+def needs_grad(*tensors: Optional[Tensor]) -> bool:
+    """True if autograd will record a graph through these inputs (the fused ops then keep what their
+    backward needs; without it they keep nothing and may work in place)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 @torch.library.custom_op("vim2_kernels::selective_scan_fwd", mutates_args=())
 def _scan_fwd_op(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
