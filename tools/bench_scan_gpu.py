@@ -200,9 +200,18 @@ CHANNEL_MIXER_SHAPES = {
 }
 
 
+def extra_peak_mb(fn) -> float:
+    """MB that ``fn()`` allocates on the GPU at its peak beyond what is allocated before it."""
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def channel_mixer_section(peak):
-    """The fused Triton channel mixer (what inference runs) against the unfused composition through the
-    Triton scan (what ran before it, and what training recomputes), forward, float32 and bfloat16."""
+    """The fused Triton channel mixer against the unfused composition through the Triton scan (what ran
+    before it), float32 and bfloat16: forward without autograd (time, extra peak memory), then
+    forward+backward against the unfused composition recomputed in token chunks."""
     from vim2_kernels import channel_mixer as cm
     from vim2_kernels.channel_mixer import channel_mixer_scan, channel_mixer_scan_unfused
 
@@ -218,16 +227,11 @@ def channel_mixer_section(peak):
                       r(2))
             floor = 3 * v.numel() * v.element_size()
             with torch.no_grad():
-                fused = cuda_time_ms(lambda: channel_mixer_scan(v, z, *params, backend="triton"))
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                channel_mixer_scan(v, z, *params, backend="triton")
-                fused_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+                run_fused = lambda: channel_mixer_scan(v, z, *params, backend="triton")  # noqa: E731
+                run_unfused = lambda: channel_mixer_scan_unfused(v, z, *params, backend="triton")  # noqa: E731
+                fused, fused_mb = cuda_time_ms(run_fused), extra_peak_mb(run_fused)
                 try:
-                    unfused = cuda_time_ms(lambda: channel_mixer_scan_unfused(v, z, *params, backend="triton"))
-                    torch.cuda.reset_peak_memory_stats()
-                    channel_mixer_scan_unfused(v, z, *params, backend="triton")
-                    unfused_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+                    unfused, unfused_mb = cuda_time_ms(run_unfused), extra_peak_mb(run_unfused)
                 except torch.cuda.OutOfMemoryError:
                     unfused, unfused_mb = float("nan"), float("nan")
             pct = 100.0 * floor / (fused * 1e-3) / 1e9 / peak
