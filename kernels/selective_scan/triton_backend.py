@@ -82,6 +82,11 @@ BC_GRAD_REDUCTION = "auto"
 MAX_PARTIAL_SLOTS = 8
 # Force the number of sequence segments processed in parallel (None: heuristic; 1: purely sequential).
 SEGMENTS: Optional[int] = None
+# Segment heuristic (see _pick_segments): warps wanted in flight per SM (Hopper/Ampere SMs hold up to 64;
+# registers cap the real residency lower, the rest queue at no cost) and the shortest segment, in time
+# blocks, worth a summary pass (short sequences stay sequential: no extra launches).
+TARGET_WARPS_PER_SM = 64
+MIN_BLOCKS_PER_SEGMENT = 4
 
 try:  # Triton ships with Linux CUDA builds of torch only; the module must import without it.
     import triton
@@ -689,16 +694,21 @@ def _pick_block_rows(n_rows: int, dim_per_group: int, block_n: int, block_t: int
     return block_rows
 
 
-def _pick_segments(n_tiles: int, n_blocks: int, device: torch.device) -> Tuple[int, int]:
-    """(segments, blocks per segment): split L across programs when row tiles alone cannot fill the GPU."""
+def _pick_segments(n_tiles: int, n_blocks: int, num_warps: int, device: torch.device) -> Tuple[int, int]:
+    """(segments, blocks per segment): split L across programs when row tiles alone cannot fill the GPU.
+
+    The time blocks of one program are a dependent chain whose loads wait on memory, so the GPU needs
+    many programs in flight to hide that latency: enough for ``TARGET_WARPS_PER_SM`` warps on every SM.
+    Once there are two or more segments the summary pass is paid whatever their number (it reads each
+    input once), so more segments cost only a longer sequential combine over (rows, segments, N) state.
+    """
     if SEGMENTS is not None:
         wanted = max(1, int(SEGMENTS))
     elif _INTERPRETED:
         wanted = 1
     else:
-        target = 4 * _num_sms(device)
-        # Each segment costs an extra summary pass over its inputs; keep segments >= 2 blocks long.
-        wanted = 1 if n_tiles >= target else min(-(-target // n_tiles), n_blocks // 2)
+        target = -(-TARGET_WARPS_PER_SM * _num_sms(device) // max(1, num_warps))  # programs
+        wanted = 1 if n_tiles >= target else min(-(-target // n_tiles), n_blocks // MIN_BLOCKS_PER_SEGMENT)
     wanted = max(1, min(wanted, n_blocks, 65535))
     blocks_per_seg = -(-n_blocks // wanted)
     return -(-n_blocks // blocks_per_seg), blocks_per_seg
@@ -743,8 +753,8 @@ class _Geometry:
                                            u.device, backward)
         self.shared_bc = self.dim_per_group % self.block_rows == 0
         self.n_tiles = -(-self.n_rows // self.block_rows)
-        self.n_segs, self.blocks_per_seg = _pick_segments(self.n_tiles, self.n_blocks, u.device)
         self.num_warps = _num_warps((2 if backward else 1) * self.block_rows * self.block_n * self.block_t)
+        self.n_segs, self.blocks_per_seg = _pick_segments(self.n_tiles, self.n_blocks, self.num_warps, u.device)
         self.two_level = False
 
     @property

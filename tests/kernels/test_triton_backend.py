@@ -231,3 +231,46 @@ def test_unavailable_reasons_without_interpreter_or_triton():
     assert "meta" in lines["meta"]
     assert "triton is not installed" in lines["absent"]
     assert lines["shape"] == str((2, 3, 4, 4))  # 100 steps in blocks of CHUNK_SIZE=32
+
+
+@pytest.fixture
+def h200_like(monkeypatch):
+    """The tiling heuristics as compiled kernels on a 132-SM GPU see them (they are plain Python)."""
+    monkeypatch.setattr(tb, "_INTERPRETED", False)
+    monkeypatch.setattr(tb, "_num_sms", lambda device: 132)
+    for knob in ("BLOCK_ROWS", "SEGMENTS"):
+        monkeypatch.setattr(tb, knob, None)
+    return 132
+
+
+def _launch_plan(batch, dim, L, N=16, backward=False):
+    device = torch.device("cpu")
+    block_t = tb._block_t(L)
+    n_blocks = -(-L // block_t)
+    rows = tb._pick_block_rows(batch * dim, dim, tb._next_power_of_2(N), block_t, device, backward)
+    n_tiles = -(-batch * dim // rows)
+    warps = tb._num_warps((2 if backward else 1) * rows * tb._next_power_of_2(N) * block_t)
+    segs, per_seg = tb._pick_segments(n_tiles, n_blocks, warps, device)
+    return dict(tiles=n_tiles, warps=warps, segs=segs, per_seg=per_seg, n_blocks=n_blocks)
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+@pytest.mark.parametrize("L", [256 * 256, 128 * 128, 64 * 64, 56 * 56])
+def test_long_routes_get_enough_warps_in_flight(h200_like, L, backward):
+    # ViM2-T's stage-1 route at 1024x1024 (and smaller maps): 192 rows cannot fill 132 SMs, so the
+    # segments must bring the launch up to the warp target, each segment still worth its summary pass.
+    plan = _launch_plan(1, 192, L, backward=backward)
+    assert plan["segs"] > 1
+    warps_in_flight = plan["tiles"] * plan["segs"] * plan["warps"]
+    enough = warps_in_flight >= tb.TARGET_WARPS_PER_SM * h200_like
+    capped = plan["per_seg"] < 2 * tb.MIN_BLOCKS_PER_SEGMENT  # segments already near the shortest allowed
+    assert enough or capped, plan
+    assert plan["per_seg"] >= tb.MIN_BLOCKS_PER_SEGMENT
+    # every segment non-empty and together they cover the sequence
+    assert (plan["segs"] - 1) * plan["per_seg"] < plan["n_blocks"] <= plan["segs"] * plan["per_seg"]
+
+
+@pytest.mark.parametrize("batch,dim,L", [(2, 768, 197), (64, 192, 3136), (1, 16, 64)])
+def test_short_or_wide_scans_stay_sequential(h200_like, batch, dim, L):
+    # enough row tiles already, or too few blocks for a summary pass to pay off: no extra launches
+    assert _launch_plan(batch, dim, L)["segs"] == 1
