@@ -8,11 +8,12 @@ column-major routes ``(W, H)`` views, so no permuted copies are made here. The t
 views directly; the torch backend copies a column-major view once per route into its own layout.
 
 With ``delta_proj_weight``, Δ is given in low rank (Mamba's ``dt_proj`` applied to the ``dt`` part of
-``x_proj``), as in ``mamba_ssm``'s fused ``mamba_inner_fn``. Where the ``cpu`` backend serves the call,
-one custom op runs the routes with the projection fused into the C kernel and the routes summed in
-place: neither the (batch, H, W, K, dim) Δ nor a per-route output is ever stored; its backward
-recomputes one route's Δ at a time. Elsewhere Δ is materialised and the per-route path runs (same
-numbers up to float32 rounding; tested against each other).
+``x_proj``), as in ``mamba_ssm``'s fused ``mamba_inner_fn``. Where the ``cpu`` or ``triton`` backend
+serves the call, one custom op runs the routes with the projection fused into the kernel and the
+routes summed in place: neither the (batch, H, W, K, dim) Δ nor a per-route output is ever stored; its
+backward recomputes one route's Δ at a time. Elsewhere (torch/reference backends, float64) Δ is
+materialised one route at a time and the per-route path runs (same numbers up to float32 rounding;
+tested against each other).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .selective_scan.dispatch import resolve_backend
+from .selective_scan.dispatch import get_backend_module, resolve_backend
 from .selective_scan.interface import needs_grad, run_scan
 
 ROUTES = ("row", "col", "row_rev", "col_rev")
@@ -33,6 +34,11 @@ _ROUTE_LAYOUT = {
     "row_rev": ((0, 3, 1, 2), True),
     "col_rev": ((0, 3, 2, 1), True),
 }
+
+
+# Backends with a ``scan_forward_lowrank`` and the largest rank it takes (their ``MAX_DT_RANK``; spelled
+# out here so that torch.compile can trace the choice without importing a backend module).
+FUSED_LOWRANK_MAX_RANK = {"cpu": 64, "triton": 64}
 
 
 def _inverse(perm: Sequence[int]) -> tuple:
@@ -58,22 +64,23 @@ def _route_views(route: str, *tensors: Tensor, k: int):
 def _cross_scan_lowrank_op(
     u: Tensor, dts: Tensor, dt_weight: Tensor, A: Tensor, B: Tensor, C: Tensor,
     D: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, routes: str, keep_states: bool,
+    backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """cpu path of ``cross_scan_2d`` with a low-rank Δ: (out, saved chunk states per route or an empty
-    tensor when ``keep_states`` is False, i.e. when no backward will follow)."""
-    from .selective_scan import cpu_backend  # compiled library: imported where it is used
-
+    """Fused path of ``cross_scan_2d`` with a low-rank Δ (``backend``: 'cpu' or 'triton'): (out, saved
+    chunk states per route, or an empty tensor when ``keep_states`` is False, i.e. no backward follows)."""
+    module = get_backend_module(backend)
     route_names = routes.split(",")
     batch, height, width, dim = u.shape
-    out = torch.empty(u.shape, dtype=torch.float32)  # (batch, H, W, dim), contiguous: lanes store contiguously
+    # (batch, H, W, dim) float32, contiguous (lanes store contiguously); routes after the first add into it
+    out = torch.empty(u.shape, dtype=torch.float32, device=u.device)
     saved = torch.empty(
-        (len(route_names), *cpu_backend.saved_shape(batch, dim, height * width, A.shape[-1])) if keep_states
-        else (0,), dtype=torch.float32,
+        (len(route_names), *module.saved_shape(batch, dim, height * width, A.shape[-1])) if keep_states
+        else (0,), dtype=torch.float32, device=u.device,
     )
-    u32, dts32, B32, C32 = (cpu_backend._f32(t) for t in (u, dts, B, C))
+    u32, dts32, B32, C32 = (_float32(t) for t in (u, dts, B, C))
     for k, route in enumerate(route_names):
         out_k, u_k, dts_k, B_k, C_k = _route_views(route, out, u32, dts32, B32, C32, k=k)
-        cpu_backend.scan_forward_lowrank(
+        module.scan_forward_lowrank(
             out_k, u_k, dts_k, dt_weight[k], A[k], B_k, C_k,
             None if D is None else D[k], None if delta_bias is None else delta_bias[k],
             delta_softplus, _ROUTE_LAYOUT[route][1], accumulate=k > 0, saved=saved[k] if keep_states else None,
@@ -81,10 +88,13 @@ def _cross_scan_lowrank_op(
     return (out if u.dtype == torch.float32 else out.to(u.dtype)), saved
 
 
-@_cross_scan_lowrank_op.register_fake
-def _(u, dts, dt_weight, A, B, C, D, delta_bias, delta_softplus, routes, keep_states):
-    from .selective_scan.cpu_backend import saved_shape
+def _float32(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float32 else t.float()
 
+
+@_cross_scan_lowrank_op.register_fake
+def _(u, dts, dt_weight, A, B, C, D, delta_bias, delta_softplus, routes, keep_states, backend):
+    saved_shape = get_backend_module(backend).saved_shape
     batch, height, width, dim = u.shape
     n_routes = len(routes.split(","))
     saved = (n_routes, *saved_shape(batch, dim, height * width, A.shape[-1])) if keep_states else (0,)
@@ -95,23 +105,23 @@ def _(u, dts, dt_weight, A, B, C, D, delta_bias, delta_softplus, routes, keep_st
 def _cross_scan_lowrank_bwd_op(
     dout: Tensor, u: Tensor, dts: Tensor, dt_weight: Tensor, A: Tensor, B: Tensor, C: Tensor,
     D: Optional[Tensor], delta_bias: Optional[Tensor], saved: Tensor, delta_softplus: bool, routes: str,
+    backend: str,
 ) -> List[Tensor]:
     """Gradients [du, ddts, d dt_weight, dA, dB, dC, dD, d delta_bias] (empty placeholders for absent D/bias).
 
-    Per route: Δ is recomputed from the low-rank input (one route's Δ at a time, transient), the cpu
-    backward of the scan runs from the saved chunk states, and dΔ is projected back to rank R.
+    Per route: Δ is recomputed from the low-rank input (one route's Δ at a time, transient), the
+    backend's scan backward runs from the saved chunk states, and dΔ is projected back to rank R.
     """
-    from .selective_scan import cpu_backend
-
-    dout32, u32, dts32, B32, C32 = (cpu_backend._f32(t) for t in (dout, u, dts, B, C))
-    du = torch.zeros(u.shape, dtype=torch.float32)
+    module = get_backend_module(backend)
+    dout32, u32, dts32, B32, C32 = (_float32(t) for t in (dout, u, dts, B, C))
+    du = torch.zeros(u.shape, dtype=torch.float32, device=u.device)
     ddts, dW, dA, dB, dC, dD, dbias = [], [], [], [], [], [], []
     for k, route in enumerate(routes.split(",")):
         perm, reverse = _ROUTE_LAYOUT[route]
         inverse = _inverse(perm)
         delta_k = torch.matmul(dts32[:, :, :, k], dt_weight[k].float().t())  # (batch, H, W, dim)
         dout_k, u_k, delta_seq, B_k, C_k = _route_views(route, dout32, u32, delta_k, B32, C32, k=k)
-        du_k, ddelta_k, dA_k, dB_k, dC_k, dD_k, _, dbias_k, _ = cpu_backend.scan_backward(
+        du_k, ddelta_k, dA_k, dB_k, dC_k, dD_k, _, dbias_k, _ = module.scan_backward(
             dout_k, None, u_k, delta_seq, A[k], B_k, C_k, None if D is None else D[k], None,
             None if delta_bias is None else delta_bias[k], None, saved[k], delta_softplus, reverse,
         )
@@ -133,15 +143,15 @@ def _cross_scan_lowrank_bwd_op(
 
 
 @_cross_scan_lowrank_bwd_op.register_fake
-def _(dout, u, dts, dt_weight, A, B, C, D, delta_bias, saved, delta_softplus, routes):
+def _(dout, u, dts, dt_weight, A, B, C, D, delta_bias, saved, delta_softplus, routes, backend):
     return [u.new_empty((0,)) if t is None else torch.empty(t.shape, dtype=t.dtype, device=t.device)
             for t in (u, dts, dt_weight, A, B, C, D, delta_bias)]
 
 
 def _lowrank_setup_context(ctx, inputs, output):
-    u, dts, dt_weight, A, B, C, D, delta_bias, delta_softplus, routes, keep_states = inputs
+    u, dts, dt_weight, A, B, C, D, delta_bias, delta_softplus, routes, keep_states, backend = inputs
     ctx.save_for_backward(u, dts, dt_weight, A, B, C, D, delta_bias, output[1])
-    ctx.flags = (delta_softplus, routes)
+    ctx.flags = (delta_softplus, routes, backend)
 
 
 def _lowrank_backward(ctx, dout, _dsaved):
@@ -153,15 +163,10 @@ def _lowrank_backward(ctx, dout, _dsaved):
     )
     du, ddts, dW, dA, dB, dC, dD, dbias = grads
     return (du, ddts, dW, dA, dB, dC, None if D is None else dD, None if delta_bias is None else dbias,
-            None, None, None)
+            None, None, None, None)
 
 
 _cross_scan_lowrank_op.register_autograd(_lowrank_backward, setup_context=_lowrank_setup_context)
-
-
-def _max_fused_rank() -> int:
-    from .selective_scan.cpu_backend import MAX_DT_RANK
-    return MAX_DT_RANK
 
 
 def cross_scan_2d(
@@ -239,16 +244,12 @@ def cross_scan_2d(
                 raise ValueError(f"{name} is on {t.device} but u is on {u.device}: all inputs must share one device")
             if not t.is_floating_point():
                 raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-        fused = (
-            u.dtype != torch.float64
-            and resolve_backend(backend, u.device, u.dtype, d_state) == "cpu"
-            and delta_proj_weight.shape[2] <= _max_fused_rank()
-        )
-        if fused:
+        name = resolve_backend(backend, u.device, u.dtype, d_state)
+        if u.dtype != torch.float64 and rank <= FUSED_LOWRANK_MAX_RANK.get(name, 0):
             keep_states = needs_grad(u, delta, delta_proj_weight, A, B, C, D, delta_bias)
             return torch.ops.vim2_kernels.cross_scan_lowrank_fwd(
                 u, delta, delta_proj_weight, A, B, C, D, delta_bias, bool(delta_softplus), ",".join(routes),
-                keep_states,
+                keep_states, name,
             )[0]
     # Without autograd, routes accumulate in place and (low-rank Δ) only one route's Δ exists at a time.
     in_place = not needs_grad(u, delta, delta_proj_weight, A, B, C, D, delta_bias)

@@ -80,6 +80,8 @@ BLOCK_ROWS: Optional[int] = None
 BC_GRAD_REDUCTION = "auto"
 # "auto" uses deterministic per-tile partials when there are at most this many tiles per group.
 MAX_PARTIAL_SLOTS = 8
+# Largest rank R of the low-rank Δ that scan_forward_lowrank takes (the (rows, R, T) product stays small).
+MAX_DT_RANK = 64
 # Force the number of sequence segments processed in parallel (None: heuristic; 1: purely sequential).
 SEGMENTS: Optional[int] = None
 # Segment heuristic (see _pick_segments): warps wanted in flight per SM (Hopper/Ampere SMs hold up to 64;
@@ -157,11 +159,19 @@ if triton is not None:
         return tl.where(x > 20.0, x, log1p_e)
 
     @triton.jit
-    def _block_dt(dl_ptr, row_dl, t, mask2, bias, L2, sd_1, sd_2,
-                  TWO_LEVEL: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                  COMPUTE: tl.constexpr):
-        """(x, dt): delta (+ bias) and the step size; padding gets dt = 0, i.e. the identity step."""
-        x = _load_seq(dl_ptr, row_dl, t, mask2, L2, sd_1, sd_2, TWO_LEVEL, COMPUTE)
+    def _lowrank_tile(w_ptr, pid, rows, row_ok, bidx, didx, dim, offs_r, r_ok, R, sd_b,
+                      BLOCK_ROWS: tl.constexpr, SHARED_BC: tl.constexpr, COMPUTE: tl.constexpr):
+        """Base offset of the tile's low-rank input (per batch, like B) and its rows of W, (ROWS, R, 1)."""
+        if SHARED_BC:
+            dts_base = ((pid * BLOCK_ROWS) // dim) * sd_b
+        else:
+            dts_base = bidx * sd_b
+        W3 = tl.load(w_ptr + didx[:, None] * R + offs_r[None, :], mask=row_ok[:, None] & r_ok[None, :],
+                     other=0.0).to(COMPUTE)[:, :, None]
+        return dts_base, W3
+
+    @triton.jit
+    def _step_size(x, mask2, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
         if HAS_BIAS:
             x = x + bias[:, None]
         if SOFTPLUS:
@@ -169,6 +179,24 @@ if triton is not None:
         else:
             dt = x
         return x, tl.where(mask2, dt, 0.0)
+
+    @triton.jit
+    def _block_dt(dl_ptr, row_dl, t, mask2, bias, L2, sd_1, sd_2,
+                  TWO_LEVEL: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                  COMPUTE: tl.constexpr):
+        """(x, dt): delta (+ bias) and the step size; padding gets dt = 0, i.e. the identity step."""
+        x = _load_seq(dl_ptr, row_dl, t, mask2, L2, sd_1, sd_2, TWO_LEVEL, COMPUTE)
+        return _step_size(x, mask2, bias, HAS_BIAS, SOFTPLUS)
+
+    @triton.jit
+    def _block_dt_lowrank(dts_ptr, dts_base, W3, t, mask2, row_ok, t_ok, offs_r, r_ok, bias, L2, sd_r, sd_1, sd_2,
+                          TWO_LEVEL: tl.constexpr, SHARED_BC: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          SOFTPLUS: tl.constexpr, COMPUTE: tl.constexpr):
+        """_block_dt with delta = W @ dts computed here: dts (1 or BLOCK_ROWS, BLOCK_R, BLOCK_T) is loaded
+        like B (per batch), W3 is the tile's (BLOCK_ROWS, BLOCK_R, 1) rows of the projection."""
+        dts3 = _load_bc(dts_ptr, dts_base, t, row_ok, t_ok, offs_r, r_ok, L2, sd_r, sd_1, sd_2,
+                        TWO_LEVEL, SHARED_BC, COMPUTE)
+        return _step_size(_sum(W3 * dts3, axis=1), mask2, bias, HAS_BIAS, SOFTPLUS)
 
     @triton.jit
     def _combine_linear(a_acc, b_acc, a_cur, b_cur):
@@ -242,20 +270,24 @@ if triton is not None:
 
     @triton.jit
     def _scan_fwd_kernel(
-        u_ptr, dl_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, h0_ptr, hstart_ptr,
+        u_ptr, dl_ptr, w_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, h0_ptr, hstart_ptr,
         out_ptr, last_ptr, saved_ptr,
-        n_rows, dim, dim_per_group, L, L2, N, n_blocks, blocks_per_seg, n_segs,
+        n_rows, dim, dim_per_group, L, L2, N, R, n_blocks, blocks_per_seg, n_segs,
         su_b, su_d, su_1, su_2,
         sd_b, sd_d, sd_1, sd_2,
         sz_b, sz_d, sz_1, sz_2,
         sB_b, sB_g, sB_n, sB_1, sB_2,
         sC_b, sC_g, sC_n, sC_1, sC_2,
-        BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+        so_b, so_d, so_1, so_2,
+        BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
         SHARED_BC: tl.constexpr, TWO_LEVEL: tl.constexpr, REVERSE: tl.constexpr, SPLIT: tl.constexpr,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-        SOFTPLUS: tl.constexpr, COMPUTE: tl.constexpr,
+        SOFTPLUS: tl.constexpr, LOWRANK: tl.constexpr, ACCUMULATE: tl.constexpr, SAVE: tl.constexpr,
+        COMPUTE: tl.constexpr,
     ):
         # Program (tile of rows, segment of time blocks); without SPLIT there is one segment.
+        # LOWRANK: dl_ptr is the (batch, 1, R, *Ls) low-rank input and w_ptr the (dim, R) projection.
+        # ACCUMULATE adds to out instead of overwriting it; SAVE writes the block checkpoints.
         pid = tl.program_id(0).to(tl.int64)
         seg = tl.program_id(1)
         rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)
@@ -281,8 +313,8 @@ if triton is not None:
         else:
             h = tl.full((BLOCK_ROWS, BLOCK_N), 0.0, COMPUTE)
         row_u = bidx * su_b + didx * su_d
-        row_dl = bidx * sd_b + didx * sd_d
         row_z = bidx * sz_b + didx * sz_d
+        row_o = bidx * so_b + didx * so_d
         if SHARED_BC:
             # The whole tile lies in one (batch, group): B/C are loaded once and broadcast over rows.
             row0 = pid * BLOCK_ROWS
@@ -293,14 +325,26 @@ if triton is not None:
         else:
             B_base = bidx * sB_b + gidx * sB_g
             C_base = bidx * sC_b + gidx * sC_g
+        offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
+        r_ok = offs_r < R
+        if LOWRANK:
+            row_dl, W3 = _lowrank_tile(w_ptr, pid, rows, row_ok, bidx, didx, dim, offs_r, r_ok, R, sd_b,
+                                       BLOCK_ROWS, SHARED_BC, COMPUTE)
+        else:
+            row_dl = bidx * sd_b + didx * sd_d
         lo, hi = _block_range(seg, blocks_per_seg, n_blocks)
         for i in range(lo, hi):
             c, t = _block_times(i, n_blocks, REVERSE, BLOCK_T)
             t_ok = t < L
             mask2 = row_ok[:, None] & t_ok[None, :]
-            tl.store(saved_ptr + (rows[:, None] * n_blocks + c) * N + offs_n[None, :], h, mask=rn_mask)
-            x, dt = _block_dt(dl_ptr, row_dl, t, mask2, bias, L2, sd_1, sd_2,
-                              TWO_LEVEL, HAS_BIAS, SOFTPLUS, COMPUTE)
+            if SAVE:
+                tl.store(saved_ptr + (rows[:, None] * n_blocks + c) * N + offs_n[None, :], h, mask=rn_mask)
+            if LOWRANK:
+                x, dt = _block_dt_lowrank(dl_ptr, row_dl, W3, t, mask2, row_ok, t_ok, offs_r, r_ok, bias, L2,
+                                          sd_d, sd_1, sd_2, TWO_LEVEL, SHARED_BC, HAS_BIAS, SOFTPLUS, COMPUTE)
+            else:
+                x, dt = _block_dt(dl_ptr, row_dl, t, mask2, bias, L2, sd_1, sd_2,
+                                  TWO_LEVEL, HAS_BIAS, SOFTPLUS, COMPUTE)
             uu = _load_seq(u_ptr, row_u, t, mask2, L2, su_1, su_2, TWO_LEVEL, COMPUTE)
             B3 = _load_bc(B_ptr, B_base, t, row_ok, t_ok, offs_n, n_ok, L2, sB_n, sB_1, sB_2,
                           TWO_LEVEL, SHARED_BC, COMPUTE)
@@ -314,20 +358,23 @@ if triton is not None:
             if HAS_Z:
                 zz = _load_seq(z_ptr, row_z, t, mask2, L2, sz_1, sz_2, TWO_LEVEL, COMPUTE)
                 y = y * (zz * _sigmoid(zz))
-            tl.store(out_ptr + rows[:, None] * L + t[None, :], y, mask=mask2)
+            o_ptrs = out_ptr + row_o[:, None] + _seq_offsets(t, L2, so_1, so_2, TWO_LEVEL)[None, :]
+            if ACCUMULATE:
+                y = y + tl.load(o_ptrs, mask=mask2, other=0.0).to(COMPUTE)
+            tl.store(o_ptrs, y, mask=mask2)
             h = _last_in_scan_order(hs, REVERSE, BLOCK_T)
         tl.store(last_ptr + rows[:, None] * N + offs_n[None, :], h, mask=rn_mask & (seg == n_segs - 1))
 
     @triton.jit
     def _fwd_summary_kernel(
-        u_ptr, dl_ptr, A_ptr, B_ptr, bias_ptr, hloc_ptr, sdt_ptr,
-        n_rows, dim, dim_per_group, L, L2, N, n_blocks, blocks_per_seg, n_segs,
+        u_ptr, dl_ptr, w_ptr, A_ptr, B_ptr, bias_ptr, hloc_ptr, sdt_ptr,
+        n_rows, dim, dim_per_group, L, L2, N, R, n_blocks, blocks_per_seg, n_segs,
         su_b, su_d, su_1, su_2,
         sd_b, sd_d, sd_1, sd_2,
         sB_b, sB_g, sB_n, sB_1, sB_2,
-        BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+        BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
         SHARED_BC: tl.constexpr, TWO_LEVEL: tl.constexpr, REVERSE: tl.constexpr,
-        HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, COMPUTE: tl.constexpr,
+        HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LOWRANK: tl.constexpr, COMPUTE: tl.constexpr,
     ):
         # For segment `seg` (all but the last): the state it leaves when entered with zero, and the sum
         # of its step sizes (its decay is exp(A * sum dt)).
@@ -346,13 +393,19 @@ if triton is not None:
         else:
             bias = tl.full((BLOCK_ROWS,), 0.0, COMPUTE)
         row_u = bidx * su_b + didx * su_d
-        row_dl = bidx * sd_b + didx * sd_d
         if SHARED_BC:
             row0 = pid * BLOCK_ROWS
             b0 = row0 // dim
             B_base = b0 * sB_b + ((row0 - b0 * dim) // dim_per_group) * sB_g
         else:
             B_base = bidx * sB_b + (didx // dim_per_group) * sB_g
+        offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
+        r_ok = offs_r < R
+        if LOWRANK:
+            row_dl, W3 = _lowrank_tile(w_ptr, pid, rows, row_ok, bidx, didx, dim, offs_r, r_ok, R, sd_b,
+                                       BLOCK_ROWS, SHARED_BC, COMPUTE)
+        else:
+            row_dl = bidx * sd_b + didx * sd_d
         h = tl.full((BLOCK_ROWS, BLOCK_N), 0.0, COMPUTE)
         sdt = tl.full((BLOCK_ROWS,), 0.0, COMPUTE)
         lo, hi = _block_range(seg, blocks_per_seg, n_blocks)
@@ -360,8 +413,12 @@ if triton is not None:
             c, t = _block_times(i, n_blocks, REVERSE, BLOCK_T)
             t_ok = t < L
             mask2 = row_ok[:, None] & t_ok[None, :]
-            x, dt = _block_dt(dl_ptr, row_dl, t, mask2, bias, L2, sd_1, sd_2,
-                              TWO_LEVEL, HAS_BIAS, SOFTPLUS, COMPUTE)
+            if LOWRANK:
+                x, dt = _block_dt_lowrank(dl_ptr, row_dl, W3, t, mask2, row_ok, t_ok, offs_r, r_ok, bias, L2,
+                                          sd_d, sd_1, sd_2, TWO_LEVEL, SHARED_BC, HAS_BIAS, SOFTPLUS, COMPUTE)
+            else:
+                x, dt = _block_dt(dl_ptr, row_dl, t, mask2, bias, L2, sd_1, sd_2,
+                                  TWO_LEVEL, HAS_BIAS, SOFTPLUS, COMPUTE)
             uu = _load_seq(u_ptr, row_u, t, mask2, L2, su_1, su_2, TWO_LEVEL, COMPUTE)
             B3 = _load_bc(B_ptr, B_base, t, row_ok, t_ok, offs_n, n_ok, L2, sB_n, sB_1, sB_2,
                           TWO_LEVEL, SHARED_BC, COMPUTE)
@@ -804,27 +861,78 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softp
     (float64 for float64 inputs), saved (batch, dim, n_blocks, N) in the same dtype as last_state.
     """
     _check_ready(u)
-    acc_dtype, compute = _compute_dtype(u)
+    acc_dtype, _ = _compute_dtype(u)
     geo = _Geometry(u, B, A, backward=False)
-    batch, dim, N = geo.batch, geo.dim, geo.N
     out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
-    last_state = torch.empty((batch, dim, N), dtype=acc_dtype, device=u.device)
-    saved = torch.empty((batch, dim, geo.n_blocks, N), dtype=acc_dtype, device=u.device)
+    last_state = torch.empty((geo.batch, geo.dim, geo.N), dtype=acc_dtype, device=u.device)
+    saved = torch.empty((geo.batch, geo.dim, geo.n_blocks, geo.N), dtype=acc_dtype, device=u.device)
+    _forward(geo, out, last_state, saved, u, delta, None, A, B, C, D, z, delta_bias, initial_state,
+             delta_softplus, reverse, accumulate=False)
+    return out, last_state, saved
+
+
+def scan_forward_lowrank(out, u, dts, dt_weight, A, B, C, D, delta_bias, delta_softplus: bool, reverse: bool,
+                         accumulate: bool, saved=None) -> None:
+    """Forward with the Δ projection computed in the kernel, writing (or adding) into ``out``.
+
+    Same contract as ``cpu_backend.scan_forward_lowrank``: u and out (batch, dim, *Ls), out float32 (any
+    strides, e.g. a route's view of a channels-last map); dts (batch, 1, R, *Ls) and B, C (batch, G, N,
+    *Ls), any strides; dt_weight (dim, R): Δ[b, d, t] = dts[b, 0, :, t] . dt_weight[d]. ``saved``: None
+    (no backward will follow) or a contiguous ``saved_shape(...)`` tensor of ``saved_dtype(u.dtype)``
+    that receives the block checkpoints ``scan_backward`` needs (with Δ materialised for that route).
+    """
+    _check_ready(u)
+    acc_dtype, _ = _compute_dtype(u)
+    geo = _Geometry(u, B, A, backward=False)
+    rank = dt_weight.shape[1] if dt_weight.dim() == 2 else 0
+    if tuple(dt_weight.shape) != (geo.dim, rank) or rank < 1:
+        raise ValueError(f"triton backend: dt_weight must be (dim, R) = ({geo.dim}, R >= 1), got {tuple(dt_weight.shape)}")
+    if dts.dim() != 3 + len(geo.Ls) or tuple(dts.shape) != (geo.batch, 1, rank, *geo.Ls):
+        raise ValueError(f"triton backend: dts must be (batch, 1, R, *Ls) = {(geo.batch, 1, rank, *geo.Ls)}, "
+                         f"got {tuple(dts.shape)}")
+    if tuple(out.shape) != tuple(u.shape) or out.dtype != acc_dtype:
+        raise ValueError(f"triton backend: out must be {acc_dtype} of shape {tuple(u.shape)}, "
+                         f"got {out.dtype} {tuple(out.shape)}")
+    expected = (geo.batch, geo.dim, geo.n_blocks, geo.N)
+    if saved is not None and (tuple(saved.shape) != expected or saved.dtype != acc_dtype
+                              or not saved.is_contiguous()):
+        raise ValueError(f"triton backend: saved must be a contiguous {acc_dtype} tensor of shape {expected}, "
+                         f"got {saved.dtype} {tuple(saved.shape)}")
+    last_state = torch.empty((geo.batch, geo.dim, geo.N), dtype=acc_dtype, device=u.device)
+    _forward(geo, out, last_state, saved, u, dts, dt_weight.to(acc_dtype).contiguous(), A, B, C, D, None,
+             delta_bias, None, delta_softplus, reverse, accumulate)
+
+
+def _forward(geo: _Geometry, out, last_state, saved, u, delta, dt_weight, A, B, C, D, z, delta_bias,
+             initial_state, delta_softplus: bool, reverse: bool, accumulate: bool) -> None:
+    """Launches of one forward: ``delta`` is the full Δ, or with ``dt_weight`` its low-rank input."""
+    acc_dtype, compute = _compute_dtype(u)
+    batch, dim, N = geo.batch, geo.dim, geo.N
     if geo.n_rows == 0 or geo.L == 0 or N == 0:
-        out.zero_()
-        saved.zero_()
+        if not accumulate:
+            out.zero_()
+        if saved is not None:
+            saved.zero_()
         if initial_state is not None:
             last_state.copy_(initial_state)
         else:
             last_state.zero_()
-        return out, last_state, saved
+        return
     A_c = _small(A, acc_dtype)
     D_c = _small(D, acc_dtype)
     bias_c = _small(delta_bias, acc_dtype)
     h0 = _small(initial_state, acc_dtype)
-    u_st, dl_st, z_st = geo.seq_strides(u), geo.seq_strides(delta), geo.seq_strides(z)
+    lowrank = dt_weight is not None
+    rank = dt_weight.shape[1] if lowrank else 1
+    u_st, z_st, out_st = geo.seq_strides(u), geo.seq_strides(z), geo.seq_strides(out)
+    # low-rank input (batch, 1, R, *Ls): its batch and rank strides take the places of Δ's batch and dim
+    dl_st = [delta.stride(0), delta.stride(2), *geo._seq(delta, 3)] if lowrank else geo.seq_strides(delta)
     B_st, C_st = geo.bc_strides(B), geo.bc_strides(C)
-    sizes = (geo.n_rows, dim, geo.dim_per_group, geo.L, geo.L2, N, geo.n_blocks, geo.blocks_per_seg, geo.n_segs)
+    sizes = (geo.n_rows, dim, geo.dim_per_group, geo.L, geo.L2, N, rank, geo.n_blocks, geo.blocks_per_seg,
+             geo.n_segs)
+    w = dt_weight if lowrank else A_c
+    common = dict(REVERSE=bool(reverse), HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+                  LOWRANK=lowrank, BLOCK_R=_next_power_of_2(rank), COMPUTE=compute)
     hstart = None
     if geo.n_segs > 1:
         # Segment-parallel: zero-entry summaries of all but the last segment, a sequential combine over
@@ -832,21 +940,18 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softp
         hloc = torch.zeros((batch, dim, geo.n_segs, N), dtype=acc_dtype, device=u.device)
         sdt = torch.zeros((batch, dim, geo.n_segs), dtype=acc_dtype, device=u.device)
         _fwd_summary_kernel[(geo.n_tiles, geo.n_segs - 1)](
-            u, delta, A_c, B, bias_c if bias_c is not None else A_c, hloc, sdt, *sizes,
-            *u_st, *dl_st, *B_st,
-            **geo.constexprs(REVERSE=bool(reverse), HAS_BIAS=delta_bias is not None,
-                             SOFTPLUS=bool(delta_softplus), COMPUTE=compute))
+            u, delta, w, A_c, B, bias_c if bias_c is not None else A_c, hloc, sdt, *sizes,
+            *u_st, *dl_st, *B_st, **geo.constexprs(**common))
         hstart = _combine_segments(geo, h0, hloc, sdt, A_c, backward=False, compute=compute)
     _scan_fwd_kernel[geo.grid](
-        u, delta, z if z is not None else u, A_c, B, C,
+        u, delta, w, z if z is not None else u, A_c, B, C,
         D_c if D_c is not None else A_c, bias_c if bias_c is not None else A_c,
         h0 if h0 is not None else A_c, hstart if hstart is not None else A_c,
-        out, last_state, saved, *sizes,
-        *u_st, *dl_st, *z_st, *B_st, *C_st,
-        **geo.constexprs(REVERSE=bool(reverse), SPLIT=geo.n_segs > 1, HAS_D=D is not None,
-                         HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                         HAS_H0=initial_state is not None, SOFTPLUS=bool(delta_softplus), COMPUTE=compute))
-    return out, last_state, saved
+        out, last_state, saved if saved is not None else last_state, *sizes,
+        *u_st, *dl_st, *z_st, *B_st, *C_st, *out_st,
+        **geo.constexprs(SPLIT=geo.n_segs > 1, HAS_D=D is not None, HAS_Z=z is not None,
+                         HAS_H0=initial_state is not None, ACCUMULATE=bool(accumulate), SAVE=saved is not None,
+                         **common))
 
 
 def _bc_reduction(geo: _Geometry) -> Tuple[bool, bool, int]:

@@ -189,12 +189,12 @@ def test_fused_op_passes_opcheck_and_compiles(with_skip_and_bias):
     routes = "row,col,row_rev,col_rev"
     args = (x["u"], x["dts"], x["W"], x["A"], x["B"], x["C"], x["D"], x["delta_bias"], True, routes)
     for keep_states in (False, True):
-        torch.library.opcheck(torch.ops.vim2_kernels.cross_scan_lowrank_fwd.default, (*args, keep_states))
+        torch.library.opcheck(torch.ops.vim2_kernels.cross_scan_lowrank_fwd.default, (*args, keep_states, "cpu"))
     grad_args = [a.requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args]
-    torch.library.opcheck(torch.ops.vim2_kernels.cross_scan_lowrank_fwd.default, (*grad_args, True))
-    out, saved = torch.ops.vim2_kernels.cross_scan_lowrank_fwd(*args, True)
+    torch.library.opcheck(torch.ops.vim2_kernels.cross_scan_lowrank_fwd.default, (*grad_args, True, "cpu"))
+    out, saved = torch.ops.vim2_kernels.cross_scan_lowrank_fwd(*args, True, "cpu")
     bwd_args = (torch.randn_like(out), *(None if a is None else a.detach() for a in args[:8]), saved.detach(),
-                True, routes)
+                True, routes, "cpu")
     torch.library.opcheck(torch.ops.vim2_kernels.cross_scan_lowrank_bwd.default, bwd_args)
 
     def step(u, dts, W, A, B, C, D, bias):
@@ -259,3 +259,11 @@ def test_backward_with_several_threads_is_reproducible_and_matches_one_thread():
     for name in single:
         assert torch.equal(first[name], second[name]), name
         torch.testing.assert_close(first[name], single[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_fused_rank_limits_match_the_backends():
+    from vim2_kernels.cross_scan import FUSED_LOWRANK_MAX_RANK
+    from vim2_kernels.selective_scan.dispatch import get_backend_module
+
+    for name, limit in FUSED_LOWRANK_MAX_RANK.items():
+        assert get_backend_module(name).MAX_DT_RANK == limit, name
