@@ -3,8 +3,9 @@
 #   1. environment (GPU, driver, python, torch, triton, vim2_kernels backends),
 #   2. GPU tests: pytest -m gpu tests/kernels/test_triton_gpu.py (compiled kernels vs the float64 reference),
 #   3. benchmark: tools/bench_scan_gpu.py (Triton vs torch backend, % of the memory-traffic floor),
-#      the fused channel mixer against the unfused composition (inference and training), and a short
-#      sweep of the Triton tile settings,
+#      the fused channel mixer against the unfused composition (inference and training), the fused
+#      low-rank cross-scan against the per-route path at ViM2-T's 1024 px shapes, and a short sweep of
+#      the Triton tile settings,
 #   4. model benchmark: tools/bench_models.py on CUDA, ViM2-T vs DeiT-S at 1024x1024, batch 1,
 #      inference and one training step (issue 3's goal in the paper's setting); CSV/PNG to $OUT/models,
 #   5. profile: tools/profile_cuda.py (wall vs GPU-busy time, kernel launches, top kernels) of the scan and of
@@ -68,7 +69,7 @@ timeout 230 "$PY" -m pytest -m gpu tests/kernels/test_triton_gpu.py -v -rfEs -p 
 
 echo
 echo "== benchmark"
-timeout 140 "$PY" tools/bench_scan_gpu.py --dtypes float32,bfloat16 --tune-budget 40 \
+timeout 140 "$PY" tools/bench_scan_gpu.py --dtypes float32,bfloat16 --tune-budget 30 \
   || { rc=$?; echo "benchmark: exit status $rc"; status=$rc; }
 
 echo
