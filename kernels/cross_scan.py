@@ -77,9 +77,10 @@ def _cross_scan_lowrank_op(
         (len(route_names), *module.saved_shape(batch, dim, height * width, A.shape[-1])) if keep_states
         else (0,), dtype=torch.float32, device=u.device,
     )
-    u32, dts32, B32, C32 = (_float32(t) for t in (u, dts, B, C))
+    # the C kernels read float32; the Triton kernels convert fp16/bf16 as they load (no copies)
+    u_, dts_, B_, C_ = (_float32(t) if backend == "cpu" else t for t in (u, dts, B, C))
     for k, route in enumerate(route_names):
-        out_k, u_k, dts_k, B_k, C_k = _route_views(route, out, u32, dts32, B32, C32, k=k)
+        out_k, u_k, dts_k, B_k, C_k = _route_views(route, out, u_, dts_, B_, C_, k=k)
         module.scan_forward_lowrank(
             out_k, u_k, dts_k, dt_weight[k], A[k], B_k, C_k,
             None if D is None else D[k], None if delta_bias is None else delta_bias[k],
@@ -113,6 +114,7 @@ def _cross_scan_lowrank_bwd_op(
     backend's scan backward runs from the saved chunk states, and dΔ is projected back to rank R.
     """
     module = get_backend_module(backend)
+    # float32 for every backend here: dΔ comes back in u's dtype and is projected by float32 matmuls
     dout32, u32, dts32, B32, C32 = (_float32(t) for t in (dout, u, dts, B, C))
     du = torch.zeros(u.shape, dtype=torch.float32, device=u.device)
     ddts, dW, dA, dB, dC, dD, dbias = [], [], [], [], [], [], []
@@ -128,7 +130,7 @@ def _cross_scan_lowrank_bwd_op(
         du += du_k.permute(inverse)
         ddelta_k = ddelta_k.permute(inverse)  # (batch, H, W, dim)
         ddts.append(torch.matmul(ddelta_k, dt_weight[k].float()))
-        dW.append(ddelta_k.reshape(-1, ddelta_k.shape[-1]).t() @ dts32[:, :, :, k].reshape(-1, dts.shape[-1]))
+        dW.append(ddelta_k.flatten(0, 2).t() @ dts32[:, :, :, k].flatten(0, 2))
         dA.append(dA_k)
         dB.append(dB_k.squeeze(1).permute(inverse))
         dC.append(dC_k.squeeze(1).permute(inverse))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -296,7 +297,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softp
     lib = _library()
     batch, dim = u.shape[:2]
     d_state = A.shape[1]
-    seqlen = u[0, 0].numel() if u.numel() else 0
+    seqlen = math.prod(u.shape[2:])  # (not u[0, 0].numel(): that is 0 for dim = 0 too)
     u32, delta32, B32, C32, z32 = (_f32(t) for t in (u, delta, B, C, z))
     A32, D32, bias32, init32 = _params(A, D, delta_bias, initial_state)
     out = torch.empty_like(u32)  # u's layout (e.g. token-major): the kernel's lanes then store contiguously
@@ -355,7 +356,7 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initia
     lib = _library()
     batch, dim = u.shape[:2]
     groups, d_state = B.shape[1], A.shape[1]
-    seqlen = u[0, 0].numel() if u.numel() else 0
+    seqlen = math.prod(u.shape[2:])  # (not u[0, 0].numel(): that is 0 for dim = 0 too)
     u32, delta32, B32, C32, z32, dout32 = (_f32(t) for t in (u, delta, B, C, z, dout))
     A32, D32, bias32, _ = _params(A, D, delta_bias, initial_state)
     dlast = None if dlast_state is None else dlast_state.float().contiguous()

@@ -89,6 +89,10 @@ SEGMENTS: Optional[int] = None
 # blocks, worth a summary pass (short sequences stay sequential: no extra launches).
 TARGET_WARPS_PER_SM = 64
 MIN_BLOCKS_PER_SEGMENT = 4
+# The combine over segments is one dependent step per segment: the heuristic stays at or below this many
+# (ViM2-T's longest routes need 22); SEGMENTS may force up to MAX_SEGMENTS (the grid's y limit).
+MAX_AUTO_SEGMENTS = 256
+MAX_SEGMENTS = 65535
 
 try:  # Triton ships with Linux CUDA builds of torch only; the module must import without it.
     import triton
@@ -765,8 +769,11 @@ def _pick_segments(n_tiles: int, n_blocks: int, num_warps: int, device: torch.de
         wanted = 1
     else:
         target = -(-TARGET_WARPS_PER_SM * _num_sms(device) // max(1, num_warps))  # programs
-        wanted = 1 if n_tiles >= target else min(-(-target // n_tiles), n_blocks // MIN_BLOCKS_PER_SEGMENT)
-    wanted = max(1, min(wanted, n_blocks, 65535))
+        wanted = 1 if n_tiles >= target else min(-(-target // n_tiles), n_blocks // MIN_BLOCKS_PER_SEGMENT,
+                                                  MAX_AUTO_SEGMENTS)
+    if n_blocks == 0:  # empty sequence: one (empty) segment
+        return 1, 1
+    wanted = max(1, min(wanted, n_blocks, MAX_SEGMENTS))
     blocks_per_seg = -(-n_blocks // wanted)
     return -(-n_blocks // blocks_per_seg), blocks_per_seg
 
@@ -875,8 +882,8 @@ def scan_forward_lowrank(out, u, dts, dt_weight, A, B, C, D, delta_bias, delta_s
                          accumulate: bool, saved=None) -> None:
     """Forward with the Δ projection computed in the kernel, writing (or adding) into ``out``.
 
-    Same contract as ``cpu_backend.scan_forward_lowrank``: u and out (batch, dim, *Ls), out float32 (any
-    strides, e.g. a route's view of a channels-last map); dts (batch, 1, R, *Ls) and B, C (batch, G, N,
+    Same contract as ``cpu_backend.scan_forward_lowrank``: u and out (batch, dim, *Ls), out float32
+    (float64 for float64 u; any strides, e.g. a route's view of a channels-last map); dts (batch, 1, R, *Ls) and B, C (batch, G, N,
     *Ls), any strides; dt_weight (dim, R): Δ[b, d, t] = dts[b, 0, :, t] . dt_weight[d]. ``saved``: None
     (no backward will follow) or a contiguous ``saved_shape(...)`` tensor of ``saved_dtype(u.dtype)``
     that receives the block checkpoints ``scan_backward`` needs (with Δ materialised for that route).
@@ -885,8 +892,9 @@ def scan_forward_lowrank(out, u, dts, dt_weight, A, B, C, D, delta_bias, delta_s
     acc_dtype, _ = _compute_dtype(u)
     geo = _Geometry(u, B, A, backward=False)
     rank = dt_weight.shape[1] if dt_weight.dim() == 2 else 0
-    if tuple(dt_weight.shape) != (geo.dim, rank) or rank < 1:
-        raise ValueError(f"triton backend: dt_weight must be (dim, R) = ({geo.dim}, R >= 1), got {tuple(dt_weight.shape)}")
+    if tuple(dt_weight.shape) != (geo.dim, rank) or not 1 <= rank <= MAX_DT_RANK:
+        raise ValueError(f"triton backend: dt_weight must be (dim, R) = ({geo.dim}, R) with 1 <= R <= "
+                         f"{MAX_DT_RANK}, got {tuple(dt_weight.shape)}")
     if dts.dim() != 3 + len(geo.Ls) or tuple(dts.shape) != (geo.batch, 1, rank, *geo.Ls):
         raise ValueError(f"triton backend: dts must be (batch, 1, R, *Ls) = {(geo.batch, 1, rank, *geo.Ls)}, "
                          f"got {tuple(dts.shape)}")
@@ -1041,8 +1049,9 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initia
         if dlast_state is not None:
             dh0.copy_(dlast_state)
     bc_full = (batch, G, N) + geo.Ls
-    dB = (dB_buf.sum(2) if slots > 1 else dB_buf.squeeze(2)).reshape(bc_full).to(B.dtype)
-    dC = (dC_buf.sum(2) if slots > 1 else dC_buf.squeeze(2)).reshape(bc_full).to(C.dtype)
+    # (slots is 0 when dim is 0: the sum is then the zero gradient)
+    dB = (dB_buf.squeeze(2) if slots == 1 else dB_buf.sum(2)).reshape(bc_full).to(B.dtype)
+    dC = (dC_buf.squeeze(2) if slots == 1 else dC_buf.sum(2)).reshape(bc_full).to(C.dtype)
     dA = dA_part.sum((0, 2))
     dD = dD_part.sum((0, 2)) if D is not None else None
     ddelta_bias = dbias_part.sum((0, 2)) if delta_bias is not None else None

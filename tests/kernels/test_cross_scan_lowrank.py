@@ -267,3 +267,16 @@ def test_fused_rank_limits_match_the_backends():
 
     for name, limit in FUSED_LOWRANK_MAX_RANK.items():
         assert get_backend_module(name).MAX_DT_RANK == limit, name
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("height,width,dim", [(0, 4, 4), (3, 0, 4), (3, 4, 0)])
+def test_fused_path_with_empty_maps(height, width, dim):
+    x = lowrank_inputs(2, height, width, dim, d_state=3, rank=2)
+    t = {k: v.float().requires_grad_(True) for k, v in x.items()}
+    out = cross_scan_2d(t["u"], t["dts"], t["A"], t["B"], t["C"], t["D"], t["delta_bias"],
+                        delta_proj_weight=t["W"], backend="cpu")
+    assert out.shape == (2, height, width, dim)
+    out.sum().backward()
+    for name, leaf in t.items():  # every gradient exists with its input's shape, and is zero
+        assert leaf.grad.shape == leaf.shape and not leaf.grad.any(), name

@@ -35,12 +35,18 @@ def tiling(monkeypatch):
 @pytest.fixture
 def lowrank_calls(monkeypatch):
     """Records, per call of the Triton low-rank forward, whether it kept block checkpoints."""
-    calls = []
+    class Calls(list):
+        pass
+
+    calls = Calls()
     real = tb.scan_forward_lowrank
 
-    def spy(*args, **kwargs):
+    def spy(out, u, *args, **kwargs):
         calls.append(kwargs.get("saved") is not None)
-        return real(*args, **kwargs)
+        input_dtypes.append(u.dtype)
+        return real(out, u, *args, **kwargs)
+
+    input_dtypes = calls.input_dtypes = []
 
     monkeypatch.setattr(tb, "scan_forward_lowrank", spy)
     return calls
@@ -74,7 +80,7 @@ def test_fused_forward_matches_oracle(tiling, lowrank_calls, batch, height, widt
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_fused_forward_half_inputs(tiling, dtype):
+def test_fused_forward_half_inputs(tiling, lowrank_calls, dtype):
     tiling()
     x = lowrank_inputs(2, 3, 4, 4, d_state=3, rank=2)
     for name in ("u", "dts", "B", "C"):  # the oracle sees exactly the kernel's rounded inputs
@@ -82,6 +88,7 @@ def test_fused_forward_half_inputs(tiling, dtype):
     with torch.no_grad():
         got, _ = run(x, vim2_kernels.ROUTES, dtype=dtype)
     assert got.dtype == dtype
+    assert lowrank_calls.input_dtypes == [dtype] * 4  # read as given: no float32 copies of the maps
     torch.testing.assert_close(got.double(), oracle(x, vim2_kernels.ROUTES), rtol=2e-2, atol=2e-2)
 
 
@@ -119,6 +126,9 @@ def test_bad_low_rank_arguments_are_named():
     out = torch.zeros(1, 4, 6)
     A, B = torch.zeros(4, 3), torch.zeros(1, 1, 3, 6)
     with pytest.raises(ValueError, match=r"dt_weight must be \(dim, R\)"):
+        tb.scan_forward_lowrank(out, u, torch.zeros(1, 1, 65, 6), torch.zeros(4, 65), A, B, B, None, None,
+                                True, False, False)
+    with pytest.raises(ValueError, match=r"dt_weight must be \(dim, R\)"):
         tb.scan_forward_lowrank(out, u, torch.zeros(1, 1, 2, 6), torch.zeros(5, 2), A, B, B, None, None,
                                 True, False, False)
     with pytest.raises(ValueError, match=r"dts must be \(batch, 1, R, \*Ls\)"):
@@ -127,3 +137,14 @@ def test_bad_low_rank_arguments_are_named():
     with pytest.raises(ValueError, match=r"out must be torch.float32"):
         tb.scan_forward_lowrank(out.half(), u, torch.zeros(1, 1, 2, 6), torch.zeros(4, 2), A, B, B, None, None,
                                 True, False, False)
+
+
+@pytest.mark.parametrize("height,width,dim", [(0, 4, 4), (3, 0, 4), (3, 4, 0)])
+def test_empty_maps(tiling, height, width, dim):
+    tiling()
+    x = lowrank_inputs(2, height, width, dim, d_state=3, rank=2)
+    got, leaves = run(x, vim2_kernels.ROUTES, requires_grad=True)
+    assert got.shape == (2, height, width, dim)
+    got.sum().backward()
+    for name in ("W", "A", "D", "delta_bias"):  # parameters: zero gradients of their own shape
+        assert leaves[name].grad.shape == leaves[name].shape and not leaves[name].grad.any(), name

@@ -274,3 +274,11 @@ def test_long_routes_get_enough_warps_in_flight(h200_like, L, backward):
 def test_short_or_wide_scans_stay_sequential(h200_like, batch, dim, L):
     # enough row tiles already, or too few blocks for a summary pass to pay off: no extra launches
     assert _launch_plan(batch, dim, L)["segs"] == 1
+
+
+def test_segment_split_is_bounded_for_one_tile_and_huge_L(h200_like):
+    # one row tile and 2**20 steps: the warp target alone would ask for thousands of segments, whose
+    # combine is one dependent step each
+    plan = _launch_plan(1, 1, 2**20)
+    assert 1 < plan["segs"] <= tb.MAX_AUTO_SEGMENTS
+    assert tb._pick_segments(1, 0, 2, torch.device("cpu")) == (1, 1)  # empty sequence
