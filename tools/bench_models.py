@@ -14,7 +14,10 @@ before the model was built, so weights, activations, gradients and optimizer sta
 Fixed-size peers are built for each size: DeiT with ``img_size`` (a position embedding of the new
 length; interpolation of pretrained ones does not matter for speed), Swin with ``img_size`` and its
 7x7 windows (timm pads maps not divisible by 7), ConvNeXt/ResNet/ViM2 take any size. A peer that
-cannot run gets ``n/a`` and the reason.
+cannot run gets ``n/a`` and the reason. A name with the suffix ``+eager_attn`` (e.g.
+``deit_small_patch16_224+eager_attn``) builds the model with timm's explicit attention (``fused_attn =
+False``: the whole attention map is materialised), the way attention ran in the baselines that the
+vision-Mamba papers compared against; the summary then compares ViM2-T with both DeiT-S builds.
 
 Outputs (``--out-dir``): ``bench.csv``, ``bench.md`` (tables + scaling summary), ``bench.png``.
 
@@ -37,9 +40,14 @@ from typing import Any, Dict, List, Optional, Tuple
 
 DEFAULT_MODELS = ["vim2_tiny", "deit_small_patch16_224", "swin_tiny_patch4_window7_224", "convnext_tiny", "resnet50"]
 DEFAULT_SIZES = [224, 384, 512, 1024]
+# A model name with this suffix is built with its attention computed explicitly (softmax(QK^T)V with the
+# whole attention map in memory: timm's ``fused_attn=False`` path), as attention ran in the baselines of
+# the vision-Mamba papers (2024); without it timm uses F.scaled_dot_product_attention (fused kernels).
+EAGER_ATTN = "+eager_attn"
 LABELS = {
     "vim2_tiny": "ViM2-T", "deit_small_patch16_224": "DeiT-S", "swin_tiny_patch4_window7_224": "Swin-T",
     "convnext_tiny": "ConvNeXt-T", "resnet50": "ResNet-50",
+    "deit_small_patch16_224" + EAGER_ATTN: "DeiT-S (eager attention)",
 }
 FIELDS = ["model", "img_size", "mode", "batch_size", "device", "threads", "status", "time_ms", "images_per_s",
           "peak_mem_mb", "params_m", "repeats", "notes"]
@@ -73,6 +81,14 @@ def _build(name: str, size: int):
     import timm
     import vim2.models  # noqa: F401  registers vim2_*
 
+    if name.endswith(EAGER_ATTN):
+        model, notes = _build(name[:-len(EAGER_ATTN)], size)
+        switched = [m for m in model.modules() if hasattr(m, "fused_attn")]
+        if not switched:
+            raise ValueError(f"{name}: the model has no attention layers with timm's fused_attn switch")
+        for module in switched:
+            module.fused_attn = False
+        return model, ", ".join(filter(None, [notes, f"eager attention in {len(switched)} layers"]))
     notes = []
     kwargs: Dict[str, Any] = {}
     if name.startswith(("deit", "vit")):
@@ -232,11 +248,13 @@ def _fit_slope(points: List[tuple]) -> Optional[float]:
 
 
 def summarise(rows: List[Dict[str, Any]], focus: str = "vim2_tiny", peer: str = "deit_small_patch16_224") -> List[str]:
-    """Scaling of ``focus`` with pixel count, and ``focus`` vs ``peer`` at the largest common size."""
+    """Scaling of ``focus`` with pixel count, and ``focus`` vs ``peer`` at the largest common size (and vs
+    the peer's eager-attention build when it was measured too)."""
     lines = []
     ok = [r for r in rows if r.get("status") == "ok"]
+    peers = [peer] + ([peer + EAGER_ATTN] if any(r["model"] == peer + EAGER_ATTN for r in ok) else [])
     for mode in ("infer", "train"):
-        for name in (focus, peer):
+        for name in (focus, *peers):
             pts = sorted((int(r["img_size"]) ** 2, float(r["time_ms"])) for r in ok
                          if r["model"] == name and r["mode"] == mode)
             slope = _fit_slope(pts)
@@ -248,24 +266,31 @@ def summarise(rows: List[Dict[str, Any]], focus: str = "vim2_tiny", peer: str = 
                 f"{len(pts)} sizes); {int(math.sqrt(p0))}->{int(math.sqrt(p1))}: pixels x{p1 / p0:.1f}, "
                 f"time x{t1 / t0:.1f}"
             )
-        both = {}
-        for r in ok:
-            if r["mode"] == mode and r["model"] in (focus, peer):
-                both.setdefault(int(r["img_size"]), {})[r["model"]] = r
-        common = [s for s, v in both.items() if len(v) == 2]
-        if common:
-            size = max(common)
-            a, b = both[size][focus], both[size][peer]
-            speed = float(b["time_ms"]) / float(a["time_ms"])
-            mem = float(b["peak_mem_mb"]) / float(a["peak_mem_mb"]) if float(a["peak_mem_mb"]) > 0 else float("nan")
-            lines.append(
-                f"- {mode} at {size}x{size}: {LABELS.get(focus, focus)} {float(a['time_ms']):.0f} ms, "
-                f"{float(a['peak_mem_mb']):.0f} MB vs {LABELS.get(peer, peer)} {float(b['time_ms']):.0f} ms, "
-                f"{float(b['peak_mem_mb']):.0f} MB: {LABELS.get(focus, focus)} is "
-                f"{'faster' if speed > 1 else 'slower'} (x{speed if speed > 1 else 1 / speed:.2f}) and "
-                f"{'lighter' if mem > 1 else 'heavier'} (x{mem if mem > 1 else 1 / mem:.2f})"
-            )
+        for other in peers:
+            lines.extend(_head_to_head(ok, mode, focus, other))
     return lines
+
+
+def _head_to_head(ok: List[Dict[str, Any]], mode: str, focus: str, peer: str) -> List[str]:
+    """``focus`` vs ``peer`` in ``mode`` at the largest size both were measured at (no line if none)."""
+    both: Dict[int, Dict[str, Dict[str, Any]]] = {}
+    for r in ok:
+        if r["mode"] == mode and r["model"] in (focus, peer):
+            both.setdefault(int(r["img_size"]), {})[r["model"]] = r
+    common = [s for s, v in both.items() if len(v) == 2]
+    if not common:
+        return []
+    size = max(common)
+    a, b = both[size][focus], both[size][peer]
+    speed = float(b["time_ms"]) / float(a["time_ms"])
+    mem = float(b["peak_mem_mb"]) / float(a["peak_mem_mb"]) if float(a["peak_mem_mb"]) > 0 else float("nan")
+    return [
+        f"- {mode} at {size}x{size}: {LABELS.get(focus, focus)} {float(a['time_ms']):.0f} ms, "
+        f"{float(a['peak_mem_mb']):.0f} MB vs {LABELS.get(peer, peer)} {float(b['time_ms']):.0f} ms, "
+        f"{float(b['peak_mem_mb']):.0f} MB: {LABELS.get(focus, focus)} is "
+        f"{'faster' if speed > 1 else 'slower'} (x{speed if speed > 1 else 1 / speed:.2f}) and "
+        f"{'lighter' if mem > 1 else 'heavier'} (x{mem if mem > 1 else 1 / mem:.2f})"
+    ]
 
 
 def write_markdown(rows: List[Dict[str, Any]], path: Path, header: str, summary: List[str]) -> None:

@@ -42,3 +42,42 @@ def test_cuda_request_without_cuda_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cuda", "--out-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "CUDA is not available" in proc.stderr
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_models_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_eager_attention_build_computes_the_same_function():
+    bench = _bench_module()
+    torch.manual_seed(0)
+    fused, _ = bench._build("deit_tiny_patch16_224", 64)
+    eager, notes = bench._build("deit_tiny_patch16_224" + bench.EAGER_ATTN, 64)
+    eager.load_state_dict(fused.state_dict())
+    switches = [m.fused_attn for m in eager.modules() if hasattr(m, "fused_attn")]
+    assert len(switches) == 12 and not any(switches) and "eager attention in 12 layers" in notes
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(eager.eval()(x), fused.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_eager_attention_on_a_model_without_attention_is_refused():
+    bench = _bench_module()
+    with pytest.raises(ValueError, match=r"resnet18\+eager_attn: the model has no attention layers"):
+        bench._build("resnet18" + bench.EAGER_ATTN, 64)
+
+
+def test_summary_compares_with_both_deit_builds():
+    bench = _bench_module()
+    rows = [dict(model=name, img_size=size, mode="infer", status="ok", time_ms=t, peak_mem_mb=m)
+            for name, size, t, m in [("vim2_tiny", 512, 100.0, 50.0), ("vim2_tiny", 1024, 400.0, 200.0),
+                                     ("deit_small_patch16_224", 1024, 500.0, 100.0),
+                                     ("deit_small_patch16_224" + bench.EAGER_ATTN, 1024, 800.0, 400.0)]]
+    text = "\n".join(bench.summarise(rows))
+    assert "vs DeiT-S 500 ms, 100 MB: ViM2-T is faster (x1.25) and heavier (x2.00)" in text
+    assert "vs DeiT-S (eager attention) 800 ms, 400 MB: ViM2-T is faster (x2.00) and lighter (x2.00)" in text
