@@ -81,3 +81,18 @@ def test_summary_compares_with_both_deit_builds():
     text = "\n".join(bench.summarise(rows))
     assert "vs DeiT-S 500 ms, 100 MB: ViM2-T is faster (x1.25) and heavier (x2.00)" in text
     assert "vs DeiT-S (eager attention) 800 ms, 400 MB: ViM2-T is faster (x2.00) and lighter (x2.00)" in text
+
+
+def test_peak_activation_memory_counts_what_a_forward_allocates():
+    sys.path.insert(0, str(SCRIPT.parent))
+    from peak_activation_memory import peak_activation_mb
+
+    small, weights = peak_activation_mb("test_vim2", 64)
+    large, _ = peak_activation_mb("test_vim2", 128)
+    assert 0 < small < large  # 4x the pixels: more live activations
+    with_grad, _ = peak_activation_mb("test_vim2", 64, train=True)
+    assert with_grad > small  # autograd keeps intermediates alive
+    import timm
+
+    expected = sum(p.numel() * p.element_size() for p in timm.create_model("test_vim2").parameters())
+    assert weights == expected / 2**20
