@@ -163,16 +163,23 @@ if triton is not None:
         return tl.where(x > 20.0, x, log1p_e)
 
     @triton.jit
-    def _lowrank_tile(w_ptr, pid, rows, row_ok, bidx, didx, dim, offs_r, r_ok, R, sd_b,
-                      BLOCK_ROWS: tl.constexpr, SHARED_BC: tl.constexpr, COMPUTE: tl.constexpr):
-        """Base offset of the tile's low-rank input (per batch, like B) and its rows of W, (ROWS, R, 1)."""
-        if SHARED_BC:
-            dts_base = ((pid * BLOCK_ROWS) // dim) * sd_b
+    def _delta_tile(w_ptr, pid, row_ok, bidx, didx, dim, R, sd_b, sd_d,
+                    BLOCK_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, SHARED_BC: tl.constexpr,
+                    LOWRANK: tl.constexpr, COMPUTE: tl.constexpr):
+        """Per-row base offsets of the Δ input and, for a low-rank one, the tile's rows of W as
+        (BLOCK_ROWS, BLOCK_R, 1); the low-rank input (batch, 1, R, *Ls) is based per batch, like B."""
+        offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
+        if LOWRANK:
+            if SHARED_BC:
+                base = ((pid * BLOCK_ROWS) // dim) * sd_b
+            else:
+                base = bidx * sd_b
+            W3 = tl.load(w_ptr + didx[:, None] * R + offs_r[None, :], mask=row_ok[:, None] & (offs_r < R)[None, :],
+                         other=0.0).to(COMPUTE)[:, :, None]
         else:
-            dts_base = bidx * sd_b
-        W3 = tl.load(w_ptr + didx[:, None] * R + offs_r[None, :], mask=row_ok[:, None] & r_ok[None, :],
-                     other=0.0).to(COMPUTE)[:, :, None]
-        return dts_base, W3
+            base = bidx * sd_b + didx * sd_d
+            W3 = tl.full((BLOCK_ROWS, BLOCK_R, 1), 0.0, COMPUTE)  # unused
+        return base, W3
 
     @triton.jit
     def _step_size(x, mask2, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
@@ -193,14 +200,20 @@ if triton is not None:
         return _step_size(x, mask2, bias, HAS_BIAS, SOFTPLUS)
 
     @triton.jit
-    def _block_dt_lowrank(dts_ptr, dts_base, W3, t, mask2, row_ok, t_ok, offs_r, r_ok, bias, L2, sd_r, sd_1, sd_2,
-                          TWO_LEVEL: tl.constexpr, SHARED_BC: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          SOFTPLUS: tl.constexpr, COMPUTE: tl.constexpr):
-        """_block_dt with delta = W @ dts computed here: dts (1 or BLOCK_ROWS, BLOCK_R, BLOCK_T) is loaded
-        like B (per batch), W3 is the tile's (BLOCK_ROWS, BLOCK_R, 1) rows of the projection."""
-        dts3 = _load_bc(dts_ptr, dts_base, t, row_ok, t_ok, offs_r, r_ok, L2, sd_r, sd_1, sd_2,
-                        TWO_LEVEL, SHARED_BC, COMPUTE)
-        return _step_size(_sum(W3 * dts3, axis=1), mask2, bias, HAS_BIAS, SOFTPLUS)
+    def _block_delta(dl_ptr, row_dl, W3, t, mask2, row_ok, t_ok, bias, L2, R, sd_d, sd_1, sd_2,
+                     BLOCK_R: tl.constexpr, TWO_LEVEL: tl.constexpr, SHARED_BC: tl.constexpr,
+                     LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                     COMPUTE: tl.constexpr):
+        """_block_dt, or with LOWRANK delta = W @ dts computed here: the block of the low-rank input
+        (1 or BLOCK_ROWS, BLOCK_R, BLOCK_T) is loaded like B, sd_d being its stride over R."""
+        if LOWRANK:
+            offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
+            dts3 = _load_bc(dl_ptr, row_dl, t, row_ok, t_ok, offs_r, offs_r < R, L2, sd_d, sd_1, sd_2,
+                            TWO_LEVEL, SHARED_BC, COMPUTE)
+            x = _sum(W3 * dts3, axis=1)
+        else:
+            x = _load_seq(dl_ptr, row_dl, t, mask2, L2, sd_1, sd_2, TWO_LEVEL, COMPUTE)
+        return _step_size(x, mask2, bias, HAS_BIAS, SOFTPLUS)
 
     @triton.jit
     def _combine_linear(a_acc, b_acc, a_cur, b_cur):
@@ -329,13 +342,8 @@ if triton is not None:
         else:
             B_base = bidx * sB_b + gidx * sB_g
             C_base = bidx * sC_b + gidx * sC_g
-        offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
-        r_ok = offs_r < R
-        if LOWRANK:
-            row_dl, W3 = _lowrank_tile(w_ptr, pid, rows, row_ok, bidx, didx, dim, offs_r, r_ok, R, sd_b,
-                                       BLOCK_ROWS, SHARED_BC, COMPUTE)
-        else:
-            row_dl = bidx * sd_b + didx * sd_d
+        row_dl, W3 = _delta_tile(w_ptr, pid, row_ok, bidx, didx, dim, R, sd_b, sd_d,
+                                 BLOCK_ROWS, BLOCK_R, SHARED_BC, LOWRANK, COMPUTE)
         lo, hi = _block_range(seg, blocks_per_seg, n_blocks)
         for i in range(lo, hi):
             c, t = _block_times(i, n_blocks, REVERSE, BLOCK_T)
@@ -343,12 +351,8 @@ if triton is not None:
             mask2 = row_ok[:, None] & t_ok[None, :]
             if SAVE:
                 tl.store(saved_ptr + (rows[:, None] * n_blocks + c) * N + offs_n[None, :], h, mask=rn_mask)
-            if LOWRANK:
-                x, dt = _block_dt_lowrank(dl_ptr, row_dl, W3, t, mask2, row_ok, t_ok, offs_r, r_ok, bias, L2,
-                                          sd_d, sd_1, sd_2, TWO_LEVEL, SHARED_BC, HAS_BIAS, SOFTPLUS, COMPUTE)
-            else:
-                x, dt = _block_dt(dl_ptr, row_dl, t, mask2, bias, L2, sd_1, sd_2,
-                                  TWO_LEVEL, HAS_BIAS, SOFTPLUS, COMPUTE)
+            x, dt = _block_delta(dl_ptr, row_dl, W3, t, mask2, row_ok, t_ok, bias, L2, R, sd_d, sd_1, sd_2,
+                                 BLOCK_R, TWO_LEVEL, SHARED_BC, LOWRANK, HAS_BIAS, SOFTPLUS, COMPUTE)
             uu = _load_seq(u_ptr, row_u, t, mask2, L2, su_1, su_2, TWO_LEVEL, COMPUTE)
             B3 = _load_bc(B_ptr, B_base, t, row_ok, t_ok, offs_n, n_ok, L2, sB_n, sB_1, sB_2,
                           TWO_LEVEL, SHARED_BC, COMPUTE)
@@ -403,13 +407,8 @@ if triton is not None:
             B_base = b0 * sB_b + ((row0 - b0 * dim) // dim_per_group) * sB_g
         else:
             B_base = bidx * sB_b + (didx // dim_per_group) * sB_g
-        offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
-        r_ok = offs_r < R
-        if LOWRANK:
-            row_dl, W3 = _lowrank_tile(w_ptr, pid, rows, row_ok, bidx, didx, dim, offs_r, r_ok, R, sd_b,
-                                       BLOCK_ROWS, SHARED_BC, COMPUTE)
-        else:
-            row_dl = bidx * sd_b + didx * sd_d
+        row_dl, W3 = _delta_tile(w_ptr, pid, row_ok, bidx, didx, dim, R, sd_b, sd_d,
+                                 BLOCK_ROWS, BLOCK_R, SHARED_BC, LOWRANK, COMPUTE)
         h = tl.full((BLOCK_ROWS, BLOCK_N), 0.0, COMPUTE)
         sdt = tl.full((BLOCK_ROWS,), 0.0, COMPUTE)
         lo, hi = _block_range(seg, blocks_per_seg, n_blocks)
@@ -417,12 +416,8 @@ if triton is not None:
             c, t = _block_times(i, n_blocks, REVERSE, BLOCK_T)
             t_ok = t < L
             mask2 = row_ok[:, None] & t_ok[None, :]
-            if LOWRANK:
-                x, dt = _block_dt_lowrank(dl_ptr, row_dl, W3, t, mask2, row_ok, t_ok, offs_r, r_ok, bias, L2,
-                                          sd_d, sd_1, sd_2, TWO_LEVEL, SHARED_BC, HAS_BIAS, SOFTPLUS, COMPUTE)
-            else:
-                x, dt = _block_dt(dl_ptr, row_dl, t, mask2, bias, L2, sd_1, sd_2,
-                                  TWO_LEVEL, HAS_BIAS, SOFTPLUS, COMPUTE)
+            x, dt = _block_delta(dl_ptr, row_dl, W3, t, mask2, row_ok, t_ok, bias, L2, R, sd_d, sd_1, sd_2,
+                                 BLOCK_R, TWO_LEVEL, SHARED_BC, LOWRANK, HAS_BIAS, SOFTPLUS, COMPUTE)
             uu = _load_seq(u_ptr, row_u, t, mask2, L2, su_1, su_2, TWO_LEVEL, COMPUTE)
             B3 = _load_bc(B_ptr, B_base, t, row_ok, t_ok, offs_n, n_ok, L2, sB_n, sB_1, sB_2,
                           TWO_LEVEL, SHARED_BC, COMPUTE)
