@@ -6,8 +6,9 @@
 #      the fused channel mixer against the unfused composition (inference and training), the fused
 #      low-rank cross-scan against the per-route path at ViM2-T's 1024 px shapes, and a short sweep of
 #      the Triton tile settings,
-#   4. model benchmark: tools/bench_models.py on CUDA, ViM2-T vs DeiT-S at 1024x1024, batch 1,
-#      inference and one training step (issue 3's goal in the paper's setting); CSV/PNG to $OUT/models,
+#   4. model benchmark: tools/bench_models.py on CUDA, ViM2-T vs DeiT-S (fused attention, and eager
+#      attention as in the papers' baselines) at 1024x1024, batch 1, inference and one training step
+#      (issue 3's goal in the paper's setting); CSV/PNG to $OUT/models,
 #   5. profile: tools/profile_cuda.py (wall vs GPU-busy time, kernel launches, top kernels) of the scan and of
 #      ViM2-T at 1024x1024.
 # Usage: bash tools/gpu_check.sh        (PYTHON=... to choose the interpreter; default .venv/bin/python,
@@ -64,18 +65,19 @@ fi
 status=0
 echo
 echo "== GPU tests (pytest -m gpu)"
-timeout 230 "$PY" -m pytest -m gpu tests/kernels/test_triton_gpu.py -v -rfEs -p no:cacheprovider \
+timeout 210 "$PY" -m pytest -m gpu tests/kernels/test_triton_gpu.py -v -rfEs -p no:cacheprovider \
   --durations=8 || { rc=$?; echo "GPU tests: exit status $rc"; status=$rc; }
 
 echo
 echo "== benchmark"
-timeout 140 "$PY" tools/bench_scan_gpu.py --dtypes float32,bfloat16 --tune-budget 30 \
+timeout 130 "$PY" tools/bench_scan_gpu.py --dtypes float32,bfloat16 --tune-budget 25 \
   || { rc=$?; echo "benchmark: exit status $rc"; status=$rc; }
 
 echo
 echo "== model benchmark (CUDA, batch 1)"
-timeout 120 "$PY" tools/bench_models.py --device cuda --live-code --batch-size 1 --sizes 1024 \
-  --models vim2_tiny deit_small_patch16_224 --modes infer train --repeats 5 --warmup 2 --worker-timeout 75 \
+timeout 150 "$PY" tools/bench_models.py --device cuda --live-code --batch-size 1 --sizes 1024 \
+  --models vim2_tiny deit_small_patch16_224 deit_small_patch16_224+eager_attn --modes infer train \
+  --repeats 5 --warmup 2 --worker-timeout 75 \
   --out-dir "${OUT:-bench_gpu_out}/models" || { rc=$?; echo "model benchmark: exit status $rc"; status=$rc; }
 
 echo
