@@ -264,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help='JSON dict of extra constructor kwargs, e.g. \'{"d_state": 8}\'')
     group.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate")
     group.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    group.add_argument("--grad-checkpointing", action="store_true",
+                       help="recompute each block's forward in backward (timm's set_grad_checkpointing): "
+                            "much less activation memory for some extra time")
     group.add_argument("--model-ema", action="store_true", help="also keep (and evaluate) an EMA of the weights")
     group.add_argument("--model-ema-decay", type=float, default=0.998)
 
@@ -340,9 +343,11 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     amp_dtype = resolve_amp(args.amp, device)
-    _seed_everything(args.seed)
 
-    train_set, val_set, classes, dataset_name = build_datasets(args)
+    train_set, val_set, classes, dataset_name = build_datasets(args)  # split and subsets: their own seeds
+    # Seeded after the datasets: their first use imports scikit-learn, which draws from Python's `random`
+    # (which timm's crops use), so seeding before made a process's first run differ from its later ones.
+    _seed_everything(args.seed)
     output = Path(args.output or Path("runs") / f"{args.model}-{dataset_name.split(':')[0]}")
     output.mkdir(parents=True, exist_ok=True)
 
@@ -350,6 +355,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     model = timm.create_model(args.model, num_classes=len(classes), drop_path_rate=args.drop_path or None,
                               **model_kwargs)
     model.to(device)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
 

@@ -102,3 +102,41 @@ def test_bad_arguments_are_reported(tmp_path, capsys):
     assert "train/ and val/" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--epochs"):
         _run(tmp_path, "bad", "--epochs", "0")
+
+
+def test_grad_checkpointing_option(tmp_path, monkeypatch):
+    """--grad-checkpointing switches timm's block recomputation on; the model computes the same function
+    (tests/models checks outputs and gradients), so the run's first loss matches a plain run's (after
+    that AdamW's sign-like first steps amplify float rounding, so weights are not compared). The plain run
+    is this process's first training run: seeding must not depend on what earlier runs imported."""
+    built = []
+    real_create = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: built.append(real_create(*a, **k)) or built[-1])
+    subset = ["--train-subset", "16", "--val-subset", "16", "--epochs", "1", "--batch-size", "16"]
+    plain = _run(tmp_path, "plain", *subset)
+    recomputed = _run(tmp_path, "recomputed", *subset, "--grad-checkpointing")
+    assert recomputed["args"]["grad_checkpointing"] is True
+    assert not any(stage.grad_checkpointing for stage in built[0].stages)
+    assert all(stage.grad_checkpointing for stage in built[1].stages)
+    assert recomputed["history"][0]["train_loss"] == pytest.approx(plain["history"][0]["train_loss"], rel=1e-5)
+
+
+def test_seeding_does_not_depend_on_draws_while_the_datasets_are_built(tmp_path, monkeypatch):
+    """Building the datasets may import libraries that draw from the global RNGs (scikit-learn draws from
+    Python's `random` on import, once per process); the run must be seeded after that."""
+    import random
+
+    import vim2.train as train_module
+
+    subset = ["--train-subset", "16", "--val-subset", "16", "--epochs", "1", "--batch-size", "16"]
+    quiet = _run(tmp_path, "quiet", *subset)
+    real_build = train_module.build_datasets
+
+    def build_and_draw(args):
+        built = real_build(args)
+        random.random(), np.random.rand(), torch.rand(1)
+        return built
+
+    monkeypatch.setattr(train_module, "build_datasets", build_and_draw)
+    drawing = _run(tmp_path, "drawing", *subset)
+    assert drawing["history"][0]["train_loss"] == quiet["history"][0]["train_loss"]
