@@ -317,3 +317,18 @@ def test_mixer_block_inference_residual_keeps_the_autograd_dtype():
             without_graph = block(x)
     assert with_graph.dtype == without_graph.dtype == torch.float32
     torch.testing.assert_close(without_graph, with_graph.detach())
+
+
+def test_weighted_average_add_to_is_a_residual_add():
+    average = WeightedInputAverage(3)
+    with torch.no_grad():
+        average.weight.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    outputs = [torch.randn(2, 4, 5, 8) for _ in range(3)]
+    y = torch.randn(2, 4, 5, 8)
+    expected = y + average(outputs)
+    with torch.no_grad():
+        got = average.add_to_(y, outputs)
+    assert got is y  # in place
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match='expected 3 earlier outputs'):
+        average.add_to_(y, outputs[:2])

@@ -60,5 +60,14 @@ class WeightedInputAverage(nn.Module):
             x = x.addcmul_(outputs[j], weight[j]) if inplace else torch.addcmul(x, outputs[j], weight[j])
         return x
 
+    def add_to_(self, y: torch.Tensor, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``y += forward(outputs)`` in place, without the weighted sum as a tensor of its own (inference:
+        lets a block drop its averaged input while its mixer runs and rebuild the residual here)."""
+        if len(outputs) != self.num_inputs:
+            raise ValueError(f'expected {self.num_inputs} earlier outputs, got {len(outputs)}')
+        for output, weight in zip(outputs, self.weight):
+            y.addcmul_(output, weight)
+        return y
+
     def extra_repr(self) -> str:
         return f'num_inputs={self.num_inputs}'
