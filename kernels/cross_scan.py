@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .selective_scan import cpu_backend
 from .selective_scan.dispatch import get_backend_module, resolve_backend
 from .selective_scan.interface import needs_grad, run_scan
 
@@ -78,7 +79,7 @@ def _cross_scan_lowrank_op(
         else (0,), dtype=torch.float32, device=u.device,
     )
     # the C kernels read float32; the Triton kernels convert fp16/bf16 as they load (no copies)
-    u_, dts_, B_, C_ = (_float32(t) if backend == "cpu" else t for t in (u, dts, B, C))
+    u_, dts_, B_, C_ = (cpu_backend._f32(t) if backend == "cpu" else t for t in (u, dts, B, C))
     for k, route in enumerate(route_names):
         out_k, u_k, dts_k, B_k, C_k = _route_views(route, out, u_, dts_, B_, C_, k=k)
         module.scan_forward_lowrank(
@@ -87,10 +88,6 @@ def _cross_scan_lowrank_op(
             delta_softplus, _ROUTE_LAYOUT[route][1], accumulate=k > 0, saved=saved[k] if keep_states else None,
         )
     return (out if u.dtype == torch.float32 else out.to(u.dtype)), saved
-
-
-def _float32(t: Tensor) -> Tensor:
-    return t if t.dtype == torch.float32 else t.float()
 
 
 @_cross_scan_lowrank_op.register_fake
@@ -115,7 +112,7 @@ def _cross_scan_lowrank_bwd_op(
     """
     module = get_backend_module(backend)
     # float32 for every backend here: dΔ comes back in u's dtype and is projected by float32 matmuls
-    dout32, u32, dts32, B32, C32 = (_float32(t) for t in (dout, u, dts, B, C))
+    dout32, u32, dts32, B32, C32 = (cpu_backend._f32(t) for t in (dout, u, dts, B, C))
     du = torch.zeros(u.shape, dtype=torch.float32, device=u.device)
     ddts, dW, dA, dB, dC, dD, dbias = [], [], [], [], [], [], []
     for k, route in enumerate(routes.split(",")):

@@ -210,10 +210,10 @@ if triton is not None:
             offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
             dts3 = _load_bc(dl_ptr, row_dl, t, row_ok, t_ok, offs_r, offs_r < R, L2, sd_d, sd_1, sd_2,
                             TWO_LEVEL, SHARED_BC, COMPUTE)
-            x = _sum(W3 * dts3, axis=1)
+            x, dt = _step_size(_sum(W3 * dts3, axis=1), mask2, bias, HAS_BIAS, SOFTPLUS)
         else:
-            x = _load_seq(dl_ptr, row_dl, t, mask2, L2, sd_1, sd_2, TWO_LEVEL, COMPUTE)
-        return _step_size(x, mask2, bias, HAS_BIAS, SOFTPLUS)
+            x, dt = _block_dt(dl_ptr, row_dl, t, mask2, bias, L2, sd_1, sd_2, TWO_LEVEL, HAS_BIAS, SOFTPLUS, COMPUTE)
+        return x, dt
 
     @triton.jit
     def _combine_linear(a_acc, b_acc, a_cur, b_cur):
@@ -878,10 +878,11 @@ def scan_forward_lowrank(out, u, dts, dt_weight, A, B, C, D, delta_bias, delta_s
     """Forward with the Δ projection computed in the kernel, writing (or adding) into ``out``.
 
     Same contract as ``cpu_backend.scan_forward_lowrank``: u and out (batch, dim, *Ls), out float32
-    (float64 for float64 u; any strides, e.g. a route's view of a channels-last map); dts (batch, 1, R, *Ls) and B, C (batch, G, N,
-    *Ls), any strides; dt_weight (dim, R): Δ[b, d, t] = dts[b, 0, :, t] . dt_weight[d]. ``saved``: None
-    (no backward will follow) or a contiguous ``saved_shape(...)`` tensor of ``saved_dtype(u.dtype)``
-    that receives the block checkpoints ``scan_backward`` needs (with Δ materialised for that route).
+    (float64 for float64 u; any strides, e.g. a route's view of a channels-last map); dts
+    (batch, 1, R, *Ls) and B, C (batch, G, N, *Ls), any strides; dt_weight (dim, R):
+    Δ[b, d, t] = dts[b, 0, :, t] . dt_weight[d]. ``saved``: None (no backward will follow) or a contiguous
+    ``saved_shape(...)`` tensor of ``saved_dtype(u.dtype)`` that receives the block checkpoints
+    ``scan_backward`` needs (with Δ materialised for that route).
     """
     _check_ready(u)
     acc_dtype, _ = _compute_dtype(u)

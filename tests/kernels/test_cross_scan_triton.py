@@ -3,6 +3,7 @@
 into one output, against the explicit cross-scan oracle (float64 loop). On a GPU,
 tests/kernels/test_triton_gpu.py runs the same path compiled."""
 import os
+from types import SimpleNamespace
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -34,19 +35,15 @@ def tiling(monkeypatch):
 
 @pytest.fixture
 def lowrank_calls(monkeypatch):
-    """Records, per call of the Triton low-rank forward, whether it kept block checkpoints."""
-    class Calls(list):
-        pass
-
-    calls = Calls()
+    """Records, per call of the Triton low-rank forward, whether it kept block checkpoints (``kept``) and
+    the dtype of the map it was given (``dtypes``)."""
+    calls = SimpleNamespace(kept=[], dtypes=[])
     real = tb.scan_forward_lowrank
 
     def spy(out, u, *args, **kwargs):
-        calls.append(kwargs.get("saved") is not None)
-        input_dtypes.append(u.dtype)
+        calls.kept.append(kwargs.get("saved") is not None)
+        calls.dtypes.append(u.dtype)
         return real(out, u, *args, **kwargs)
-
-    input_dtypes = calls.input_dtypes = []
 
     monkeypatch.setattr(tb, "scan_forward_lowrank", spy)
     return calls
@@ -76,7 +73,7 @@ def test_fused_forward_matches_oracle(tiling, lowrank_calls, batch, height, widt
         got, _ = run(x, routes)
     assert got.dtype == torch.float32 and got.is_contiguous()
     torch.testing.assert_close(got.double(), oracle(x, routes), rtol=1e-4, atol=1e-4)
-    assert lowrank_calls == [False] * len(routes)  # one fused launch per route, nothing kept
+    assert lowrank_calls.kept == [False] * len(routes)  # one fused launch per route, nothing kept
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -88,7 +85,7 @@ def test_fused_forward_half_inputs(tiling, lowrank_calls, dtype):
     with torch.no_grad():
         got, _ = run(x, vim2_kernels.ROUTES, dtype=dtype)
     assert got.dtype == dtype
-    assert lowrank_calls.input_dtypes == [dtype] * 4  # read as given: no float32 copies of the maps
+    assert lowrank_calls.dtypes == [dtype] * 4  # read as given: no float32 copies of the maps
     torch.testing.assert_close(got.double(), oracle(x, vim2_kernels.ROUTES), rtol=2e-2, atol=2e-2)
 
 
@@ -100,7 +97,7 @@ def test_fused_backward_matches_oracle_gradients(tiling, lowrank_calls, segments
     grad_out = torch.randn(2, 3, 4, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     got, leaves = run(x, routes, requires_grad=True)
     got.backward(grad_out.float())
-    assert lowrank_calls == [True] * len(routes)  # checkpoints kept for the backward
+    assert lowrank_calls.kept == [True] * len(routes)  # checkpoints kept for the backward
     ref = {k: x[k].detach().clone().requires_grad_(True) for k in NAMES}
     oracle(ref, routes).backward(grad_out)
     torch.testing.assert_close(got.double(), oracle(x, routes), rtol=1e-4, atol=1e-4)

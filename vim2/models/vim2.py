@@ -124,22 +124,21 @@ class MixerBlock(nn.Module):
             x = inputs[0]
         else:
             raise ValueError(f'this block has no weighted averaging and takes one input, got {len(inputs)}')
-        if self.input_average is not None and can_overwrite(x, self.parameters()):
-            # Inference: the averaged input is not kept while the mixer runs (a whole map: 25 MB at ViM2-T's
-            # stage 1 at 1024x1024); the residual is rebuilt from the stage's outputs into the mixer's result.
-            dtype = x.dtype
-            x = self.norm(x)
-            y = self.drop_path(self.mixer(x))
-            del x
-            if y.shape == inputs[0].shape and y.dtype == dtype:
-                return self.input_average.add_to_(y, inputs)
-            return self.input_average(inputs) + y  # e.g. a bf16 y under autocast: x + y promotes
-        y = self.drop_path(self.mixer(self.norm(x)))
+        # Without autograd a block with weighted averaging does not keep its averaged input while the mixer
+        # runs (a whole map: 25 MB at ViM2-T's stage 1 at 1024x1024); the residual is rebuilt afterwards
+        # from the stage's outputs.
+        residual = None if self.input_average is not None and can_overwrite(x, self.parameters()) else x
+        shape, dtype = x.shape, x.dtype
+        x = self.norm(x)
+        y = self.drop_path(self.mixer(x))
+        del x
         # without autograd the residual add reuses the mixer's output buffer when that is exactly what
         # x + y would allocate (same shape and dtype; under autocast an fp32 x and a bf16 y promote)
-        if can_overwrite(y, ()) and y.shape == x.shape and y.dtype == x.dtype:
-            return y.add_(x)
-        return x + y
+        if can_overwrite(y, ()) and y.shape == shape and y.dtype == dtype:
+            return y.add_(residual) if residual is not None else self.input_average.add_to_(y, inputs)
+        if residual is None:
+            residual = self.input_average(inputs)
+        return residual + y
 
 
 class ViM2Stage(nn.Module):
