@@ -53,6 +53,32 @@ def _bench_module():
     return module
 
 
+class _StepWithSlowFirstCall:
+    """A step whose first call pays a one-off cost (like Triton compiling its kernels), then is fast."""
+
+    def __init__(self, first_seconds):
+        self.first_seconds, self.calls = first_seconds, 0
+
+    def __call__(self):
+        import time
+
+        self.calls += 1
+        time.sleep(self.first_seconds if self.calls == 1 else 0.001)
+
+
+@pytest.mark.parametrize("warmup", [0, 1, 3])
+def test_first_call_is_never_the_measurement(warmup):
+    bench = _bench_module()
+    # A first call over long_step: exactly one further call is timed, without the one-off cost.
+    slow_first = _StepWithSlowFirstCall(0.3)
+    seconds, timed = bench._time(slow_first, warmup=warmup, repeats=5, sync=lambda: None, long_step=0.2)
+    assert (timed, slow_first.calls) == (1, 2) and seconds < 0.1
+    # Otherwise the first call is a warm-up: `repeats` timed calls after `warmup` untimed ones in all.
+    quick_first = _StepWithSlowFirstCall(0.05)
+    seconds, timed = bench._time(quick_first, warmup=warmup, repeats=5, sync=lambda: None, long_step=0.2)
+    assert (timed, quick_first.calls) == (5, max(warmup, 1) + 5) and seconds < 0.04
+
+
 def test_eager_attention_build_computes_the_same_function():
     bench = _bench_module()
     torch.manual_seed(0)
