@@ -84,9 +84,12 @@ MAX_PARTIAL_SLOTS = 8
 MAX_DT_RANK = 64
 # Force the number of sequence segments processed in parallel (None: heuristic; 1: purely sequential).
 SEGMENTS: Optional[int] = None
-# Segment heuristic (see _pick_segments): warps wanted in flight per SM (Hopper/Ampere SMs hold up to 64;
-# registers cap the real residency lower, the rest queue at no cost) and the shortest segment, in time
-# blocks, worth a summary pass (short sequences stay sequential: no extra launches).
+# Segment heuristic (see _pick_segments): a launch whose row tiles alone put at least SPLIT_BELOW_WARPS_PER_SM
+# warps on every SM stays sequential (measured on an H200: ViM2-T's 768-row stage-3 route ran 1.37x faster
+# unsplit, at 11.6 warps/SM forward, than in 6 segments); below it, segments bring the launch to
+# TARGET_WARPS_PER_SM (Hopper/Ampere SMs hold up to 64; registers cap the real residency lower, the rest
+# queue at no cost), none shorter than MIN_BLOCKS_PER_SEGMENT time blocks (short sequences stay sequential).
+SPLIT_BELOW_WARPS_PER_SM = 8
 TARGET_WARPS_PER_SM = 64
 MIN_BLOCKS_PER_SEGMENT = 4
 # The combine over segments is one dependent step per segment: the heuristic stays at or below this many
@@ -753,19 +756,23 @@ def _pick_block_rows(n_rows: int, dim_per_group: int, block_n: int, block_t: int
 def _pick_segments(n_tiles: int, n_blocks: int, num_warps: int, device: torch.device) -> Tuple[int, int]:
     """(segments, blocks per segment): split L across programs when row tiles alone cannot fill the GPU.
 
-    The time blocks of one program are a dependent chain whose loads wait on memory, so the GPU needs
-    many programs in flight to hide that latency: enough for ``TARGET_WARPS_PER_SM`` warps on every SM.
-    Once there are two or more segments the summary pass is paid whatever their number (it reads each
-    input once), so more segments cost only a longer sequential combine over (rows, segments, N) state.
+    The time blocks of one program are a dependent chain whose loads wait on memory, so a launch of few
+    programs is latency-bound. Segments trade that for a summary pass over the whole sequence (about as
+    costly as the main pass), so they pay only where the row tiles leave the SMs nearly idle: fewer than
+    ``SPLIT_BELOW_WARPS_PER_SM`` warps each. Then the split aims at ``TARGET_WARPS_PER_SM`` warps on every
+    SM; beyond two segments more cost only a longer sequential combine over (rows, segments, N) state.
     """
     if SEGMENTS is not None:
         wanted = max(1, int(SEGMENTS))
     elif _INTERPRETED:
         wanted = 1
     else:
-        target = -(-TARGET_WARPS_PER_SM * _num_sms(device) // max(1, num_warps))  # programs
-        wanted = 1 if n_tiles >= target else min(-(-target // n_tiles), n_blocks // MIN_BLOCKS_PER_SEGMENT,
-                                                  MAX_AUTO_SEGMENTS)
+        num_warps, sms = max(1, num_warps), _num_sms(device)
+        if n_tiles * num_warps >= SPLIT_BELOW_WARPS_PER_SM * sms:
+            wanted = 1
+        else:
+            target = -(-TARGET_WARPS_PER_SM * sms // num_warps)  # programs
+            wanted = min(-(-target // n_tiles), n_blocks // MIN_BLOCKS_PER_SEGMENT, MAX_AUTO_SEGMENTS)
     if n_blocks == 0:  # empty sequence: one (empty) segment
         return 1, 1
     wanted = max(1, min(wanted, n_blocks, MAX_SEGMENTS))

@@ -270,10 +270,15 @@ def test_long_routes_get_enough_warps_in_flight(h200_like, L, backward):
     assert (plan["segs"] - 1) * plan["per_seg"] < plan["n_blocks"] <= plan["segs"] * plan["per_seg"]
 
 
-@pytest.mark.parametrize("batch,dim,L", [(2, 768, 197), (64, 192, 3136), (1, 16, 64)])
-def test_short_or_wide_scans_stay_sequential(h200_like, batch, dim, L):
-    # enough row tiles already, or too few blocks for a summary pass to pay off: no extra launches
-    assert _launch_plan(batch, dim, L)["segs"] == 1
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+@pytest.mark.parametrize("batch,dim,L", [(2, 768, 197), (64, 192, 3136), (1, 16, 64), (1, 768, 64 * 64)])
+def test_short_or_wide_scans_stay_sequential(h200_like, batch, dim, L, backward):
+    # enough row tiles already (ViM2-T's stage-3 route at 1024 px: 768 one-row tiles, measured 1.37x faster
+    # unsplit than in 6 segments on an H200), or too few blocks for a summary pass to pay off
+    plan = _launch_plan(batch, dim, L, backward=backward)
+    assert plan["segs"] == 1
+    if plan["n_blocks"] >= 2 * tb.MIN_BLOCKS_PER_SEGMENT:  # long enough to split: the SMs hold enough warps
+        assert plan["tiles"] * plan["warps"] >= tb.SPLIT_BELOW_WARPS_PER_SM * h200_like
 
 
 def test_segment_split_is_bounded_for_one_tile_and_huge_L(h200_like):
