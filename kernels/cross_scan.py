@@ -118,16 +118,22 @@ def _cross_scan_lowrank_bwd_op(
     for k, route in enumerate(routes.split(",")):
         perm, reverse = _ROUTE_LAYOUT[route]
         inverse = _inverse(perm)
-        delta_k = torch.matmul(dts32[:, :, :, k], dt_weight[k].float().t())  # (batch, H, W, dim)
-        dout_k, u_k, delta_seq, B_k, C_k = _route_views(route, dout32, u32, delta_k, B32, C32, k=k)
+        weight = dt_weight[k].float()  # (dim, R)
+        delta_k = torch.matmul(dts32[:, :, :, k], weight.t())  # (batch, H, W, dim)
+        dout_k, u_k, delta_seq, B_k, C_k, dts_k = _route_views(route, dout32, u32, delta_k, B32, C32, dts32, k=k)
         du_k, ddelta_k, dA_k, dB_k, dC_k, dD_k, _, dbias_k, _ = module.scan_backward(
             dout_k, None, u_k, delta_seq, A[k], B_k, C_k, None if D is None else D[k], None,
             None if delta_bias is None else delta_bias[k], None, saved[k], delta_softplus, reverse,
         )
+        del delta_k, delta_seq  # only one route's full-size maps are alive at a time
         du += du_k.permute(inverse)
-        ddelta_k = ddelta_k.permute(inverse)  # (batch, H, W, dim)
-        ddts.append(torch.matmul(ddelta_k, dt_weight[k].float()))
-        dW.append(ddelta_k.flatten(0, 2).t() @ dts32[:, :, :, k].flatten(0, 2))
+        del du_k
+        # dΔ (batch, dim, L1, L2) is contiguous in the route's order: project it to rank R there (the
+        # (batch, H, W, dim) view of it would be copied by the matmuls)
+        ddelta_flat, dts_flat = ddelta_k.flatten(2), dts_k.squeeze(1).flatten(2)  # (b, dim, L), (b, R, L)
+        ddts.append(torch.matmul(weight.t(), ddelta_flat).unflatten(2, ddelta_k.shape[2:]).permute(inverse))
+        dW.append(torch.matmul(ddelta_flat, dts_flat.transpose(1, 2)).sum(0))
+        del ddelta_k, ddelta_flat
         dA.append(dA_k)
         dB.append(dB_k.squeeze(1).permute(inverse))
         dC.append(dC_k.squeeze(1).permute(inverse))
