@@ -133,7 +133,7 @@ def load_backends():
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="main table and channel mixer section")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names from SHAPES")
     parser.add_argument("--no-channel-mixer", action="store_true", help="skip the fused channel mixer section")
     parser.add_argument("--no-cross-scan", action="store_true", help="skip the fused low-rank cross-scan section")
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
             print(f"  {shape_name:30s} {dtype_name:9s} {pass_name:8s} {pct:6.1f}%  {verdict}")
 
     if not args.no_channel_mixer:
-        channel_mixer_section(peak)
+        channel_mixer_section(peak, dtypes)
     if not args.no_cross_scan:
         cross_scan_section()
     if args.tune_budget > 0:
@@ -211,9 +211,9 @@ def extra_peak_mb(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def channel_mixer_section(peak):
+def channel_mixer_section(peak, dtypes):
     """The fused Triton channel mixer against the unfused composition through the Triton scan (what ran
-    before it), float32 and bfloat16: forward without autograd (time, extra peak memory), then
+    before it), in each of ``dtypes`` (``--dtypes``): forward without autograd (time, extra peak memory), then
     forward+backward against the unfused composition recomputed in token chunks."""
     from vim2_kernels import channel_mixer as cm
     from vim2_kernels.channel_mixer import channel_mixer_scan, channel_mixer_scan_unfused
@@ -221,7 +221,7 @@ def channel_mixer_section(peak):
     print("\nChannel mixer forward (no autograd): fused Triton kernel vs unfused composition; "
           "floor = read v, z + write out")
     for name, (tokens, length) in CHANNEL_MIXER_SHAPES.items():
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in dtypes:
             g = torch.Generator(device=DEVICE).manual_seed(0)
             r = lambda *shape: torch.randn(*shape, generator=g, device=DEVICE)  # noqa: E731
             v, z = r(tokens, length).to(dtype), r(tokens, length).to(dtype)
