@@ -388,7 +388,11 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LOWRANK: tl.constexpr, COMPUTE: tl.constexpr,
     ):
         # For segment `seg` (all but the last): the state it leaves when entered with zero, and the sum
-        # of its step sizes (its decay is exp(A * sum dt)).
+        # of its step sizes (its decay is exp(A * sum dt)). Only each block's final state is needed, so
+        # no per-step states are scanned: with S_t the block's running sum of dt in scan order, step t's
+        # input reaches the block's end decayed by exp(A * (S_T - S_t)) (an exponent <= 0: stable), and
+        # h_end = exp(A * S_T) h + sum_t exp(A * (S_T - S_t)) dt_t u_t B_t. One scan of dt per row
+        # replaces the (a, b) scan of every state (sm_90 PTX per block: 587 -> 335 instructions).
         pid = tl.program_id(0).to(tl.int64)
         seg = tl.program_id(1)
         rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)
@@ -424,10 +428,12 @@ if triton is not None:
             uu = _load_seq(u_ptr, row_u, t, mask2, L2, su_1, su_2, TWO_LEVEL, COMPUTE)
             B3 = _load_bc(B_ptr, B_base, t, row_ok, t_ok, offs_n, n_ok, L2, sB_n, sB_1, sB_2,
                           TWO_LEVEL, SHARED_BC, COMPUTE)
-            a = tl.exp(dt[:, None, :] * A3)
-            hs = _block_states(a, (dt * uu)[:, None, :] * B3, h, REVERSE, BLOCK_T)
-            h = _last_in_scan_order(hs, REVERSE, BLOCK_T)
-            sdt += _sum(dt, axis=1)
+            running = tl.associative_scan(dt, axis=1, combine_fn=_add, reverse=REVERSE)  # S_t
+            block_dt = _sum(dt, axis=1)  # S_T
+            to_end = tl.maximum(block_dt[:, None] - running, 0.0)
+            reach = tl.exp(A3 * to_end[:, None, :]) * ((dt * uu)[:, None, :] * B3)
+            h = _sum(tl.exp(A3 * block_dt[:, None, None]), axis=2) * h + _sum(reach, axis=2)
+            sdt += block_dt
         tl.store(hloc_ptr + (rows[:, None] * n_segs + seg) * N + offs_n[None, :], h, mask=rn_mask)
         tl.store(sdt_ptr + rows * n_segs + seg, sdt, mask=row_ok)
 
@@ -476,7 +482,10 @@ if triton is not None:
         HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, COMPUTE: tl.constexpr,
     ):
         # For segment `seg` (all but the first): the adjoint of the state entering it when the adjoint
-        # of the state leaving it is zero, and the sum of its step sizes. Needs no forward state.
+        # of the state leaving it is zero, and the sum of its step sizes. Needs no forward state. As in
+        # _fwd_summary_kernel no per-step adjoints are scanned: with S_t the block's running sum of dt in
+        # scan order (step t included), the adjoint entering the block is
+        # exp(A * S_T) carry + sum_t exp(A * S_t) C_t dy_t (exponents <= 0).
         pid = tl.program_id(0).to(tl.int64)
         seg = tl.program_id(1) + seg_offset
         rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)
@@ -502,7 +511,6 @@ if triton is not None:
             C_base = bidx * sC_b + (didx // dim_per_group) * sC_g
         carry = tl.full((BLOCK_ROWS, BLOCK_N), 0.0, COMPUTE)
         sdt = tl.full((BLOCK_ROWS,), 0.0, COMPUTE)
-        ones = tl.full((BLOCK_ROWS, BLOCK_N, BLOCK_T), 1.0, COMPUTE)
         lo, hi = _block_range(seg, blocks_per_seg, n_blocks)
         for k in range(lo, hi):
             c, t = _block_times(hi - 1 - (k - lo), n_blocks, REVERSE, BLOCK_T)
@@ -516,9 +524,11 @@ if triton is not None:
                 gy = gy * zz * _sigmoid(zz)
             C3 = _load_bc(C_ptr, C_base, t, row_ok, t_ok, offs_n, n_ok, L2, sC_n, sC_1, sC_2,
                           TWO_LEVEL, SHARED_BC, COMPUTE)
-            a = tl.exp(dt[:, None, :] * A3)
-            _, carry = _block_adjoint(a, gy[:, None, :] * C3, carry, ones, REVERSE, BLOCK_T)
-            sdt += _sum(dt, axis=1)
+            running = tl.associative_scan(dt, axis=1, combine_fn=_add, reverse=REVERSE)  # S_t
+            block_dt = _sum(dt, axis=1)  # S_T
+            reach = tl.exp(A3 * running[:, None, :]) * (gy[:, None, :] * C3)
+            carry = _sum(tl.exp(A3 * block_dt[:, None, None]), axis=2) * carry + _sum(reach, axis=2)
+            sdt += block_dt
         tl.store(gloc_ptr + (rows[:, None] * n_segs + seg) * N + offs_n[None, :], carry, mask=rn_mask)
         tl.store(sdt_ptr + rows * n_segs + seg, sdt, mask=row_ok)
 
