@@ -149,6 +149,7 @@ SWEEP = {
     "L7_token_major": dict(Ls=(7,), layout="token_major", **ALL),
     "2d_col_major": dict(Ls=(5, 3), layout="col_major_2d", chunk=4, **ALL),
     "2d_col_major_reverse_groups": dict(Ls=(3, 5), groups=2, layout="col_major_2d", chunk=4, reverse=True, **ALL),
+    "2d_col_major_narrow": dict(Ls=(9, 2), layout="col_major_2d", chunk=16, **ALL),  # a block spans 8 columns
     "channel_mixer_dim1": dict(batch=24, dim=1, Ls=(65,), chunk=16, **ALL),
     "channel_mixer_dim1_reverse": dict(batch=24, dim=1, Ls=(33,), N=1, chunk=8, reverse=True, D=True, bias=True,
                                        softplus=True),
