@@ -54,7 +54,7 @@ class AheadOfTimeCompiler:
             elif isinstance(value, bool):
                 signature[param.name] = "i1"
             elif isinstance(value, int):
-                if value == 1:  # Triton's launcher specialises integer arguments equal to 1
+                if value == 1 and not param.do_not_specialize:  # the launcher specialises integers equal to 1
                     signature[param.name], constexprs[param.name] = "constexpr", 1
                 else:
                     signature[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"

@@ -288,11 +288,13 @@ if triton is not None:
             sel = pos == BLOCK_T - 1
         return _sum(tl.where(sel[None, None, :], hs, 0.0), axis=2)
 
-    @triton.jit
+    # accumulate/save are runtime flags (a uniform branch per block), not constexprs: each constexpr doubles
+    # the variants compiled on first use (ViM2-T's training step and inference compiled 32 of this kernel).
+    @triton.jit(do_not_specialize=["accumulate", "save"], do_not_specialize_on_alignment=["accumulate", "save"])
     def _scan_fwd_kernel(
         u_ptr, dl_ptr, w_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, h0_ptr, hstart_ptr,
         out_ptr, last_ptr, saved_ptr,
-        n_rows, dim, dim_per_group, L, L2, N, R, n_blocks, blocks_per_seg, n_segs,
+        n_rows, dim, dim_per_group, L, L2, N, R, n_blocks, blocks_per_seg, n_segs, accumulate, save,
         su_b, su_d, su_1, su_2,
         sd_b, sd_d, sd_1, sd_2,
         sz_b, sz_d, sz_1, sz_2,
@@ -302,12 +304,11 @@ if triton is not None:
         BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
         SHARED_BC: tl.constexpr, TWO_LEVEL: tl.constexpr, REVERSE: tl.constexpr, SPLIT: tl.constexpr,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-        SOFTPLUS: tl.constexpr, LOWRANK: tl.constexpr, ACCUMULATE: tl.constexpr, SAVE: tl.constexpr,
-        COMPUTE: tl.constexpr,
+        SOFTPLUS: tl.constexpr, LOWRANK: tl.constexpr, COMPUTE: tl.constexpr,
     ):
         # Program (tile of rows, segment of time blocks); without SPLIT there is one segment.
         # LOWRANK: dl_ptr is the (batch, 1, R, *Ls) low-rank input and w_ptr the (dim, R) projection.
-        # ACCUMULATE adds to out instead of overwriting it; SAVE writes the block checkpoints.
+        # accumulate != 0 adds to out instead of overwriting it; save != 0 writes the block checkpoints.
         pid = tl.program_id(0).to(tl.int64)
         seg = tl.program_id(1)
         rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)
@@ -352,7 +353,7 @@ if triton is not None:
             c, t = _block_times(i, n_blocks, REVERSE, BLOCK_T)
             t_ok = t < L
             mask2 = row_ok[:, None] & t_ok[None, :]
-            if SAVE:
+            if save:
                 tl.store(saved_ptr + (rows[:, None] * n_blocks + c) * N + offs_n[None, :], h, mask=rn_mask)
             x, dt = _block_delta(dl_ptr, row_dl, W3, t, mask2, row_ok, t_ok, bias, L2, R, sd_d, sd_1, sd_2,
                                  BLOCK_R, TWO_LEVEL, SHARED_BC, LOWRANK, HAS_BIAS, SOFTPLUS, COMPUTE)
@@ -370,7 +371,7 @@ if triton is not None:
                 zz = _load_seq(z_ptr, row_z, t, mask2, L2, sz_1, sz_2, TWO_LEVEL, COMPUTE)
                 y = y * (zz * _sigmoid(zz))
             o_ptrs = out_ptr + row_o[:, None] + _seq_offsets(t, L2, so_1, so_2, TWO_LEVEL)[None, :]
-            if ACCUMULATE:
+            if accumulate:
                 y = y + tl.load(o_ptrs, mask=mask2, other=0.0).to(COMPUTE)
             tl.store(o_ptrs, y, mask=mask2)
             h = _last_in_scan_order(hs, REVERSE, BLOCK_T)
@@ -968,11 +969,10 @@ def _forward(geo: _Geometry, out, last_state, saved, u, delta, dt_weight, A, B, 
         u, delta, w, z if z is not None else u, A_c, B, C,
         D_c if D_c is not None else A_c, bias_c if bias_c is not None else A_c,
         h0 if h0 is not None else A_c, hstart if hstart is not None else A_c,
-        out, last_state, saved if saved is not None else last_state, *sizes,
+        out, last_state, saved if saved is not None else last_state, *sizes, int(accumulate), int(saved is not None),
         *u_st, *dl_st, *z_st, *B_st, *C_st, *out_st,
         **geo.constexprs(SPLIT=geo.n_segs > 1, HAS_D=D is not None, HAS_Z=z is not None,
-                         HAS_H0=initial_state is not None, ACCUMULATE=bool(accumulate), SAVE=saved is not None,
-                         **common))
+                         HAS_H0=initial_state is not None, **common))
 
 
 def _bc_reduction(geo: _Geometry) -> Tuple[bool, bool, int]:
