@@ -96,7 +96,7 @@ if triton is not None:
             row_ok = rows < T
             carry = tl.full((BLOCK_ROWS, BLOCK_N), 0.0, COMPUTE)
             for i in range(0, n_blocks):  # blocks in reverse scan order
-                c, t = _block_times(n_blocks - 1 - i, n_blocks, DIRECTION == 1, BLOCK_T)
+                c, t = _block_times(n_blocks - 1 - i, n_blocks, DIRECTION == 1, BLOCK_T, tl.int64)
                 t_ok = t < E
                 mask2 = row_ok[:, None] & t_ok[None, :]
                 h_in = tl.load(saved_ptr + ((DIRECTION * T + rows[:, None]) * n_blocks + c) * N + offs_n[None, :],
@@ -165,7 +165,7 @@ if triton is not None:
             cb_ptr, dw_ptr, D_ptr, A_ptr, Bw_ptr, Cw_ptr, N, DIRECTION, BLOCK_N, COMPUTE)
         h = tl.full((BLOCK_ROWS, BLOCK_N), 0.0, COMPUTE)
         for i in range(0, n_blocks):
-            c, t = _block_times(i, n_blocks, DIRECTION == 1, BLOCK_T)
+            c, t = _block_times(i, n_blocks, DIRECTION == 1, BLOCK_T, tl.int64)
             t_ok = t < E
             mask2 = row_ok[:, None] & t_ok[None, :]
             if KEEP:  # the state entering the block: the backward recomputes the block from it

@@ -96,6 +96,12 @@ MIN_BLOCKS_PER_SEGMENT = 4
 # (ViM2-T's longest routes need 22); SEGMENTS may force up to MAX_SEGMENTS (the grid's y limit).
 MAX_AUTO_SEGMENTS = 256
 MAX_SEGMENTS = 65535
+# Offset arithmetic of the scan kernels: int32 where every tensor of a launch spans fewer than
+# INT32_INDEX_SPAN elements (the margin covers padded lanes), int64 beyond. On sm_90 int32 offsets take
+# the forward loop of a low-rank column-major route from 1101 to 886 SASS instructions per block.
+# FORCE_INT64_INDEX: always int64 (tests of that path on small tensors).
+INT32_INDEX_SPAN = 2**30
+FORCE_INT64_INDEX = False
 
 try:  # Triton ships with Linux CUDA builds of torch only; the module must import without it.
     import triton
@@ -168,10 +174,10 @@ if triton is not None:
     @triton.jit
     def _delta_tile(w_ptr, pid, row_ok, bidx, didx, dim, R, sd_b, sd_d,
                     BLOCK_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, SHARED_BC: tl.constexpr,
-                    LOWRANK: tl.constexpr, COMPUTE: tl.constexpr):
+                    LOWRANK: tl.constexpr, COMPUTE: tl.constexpr, INDEX: tl.constexpr):
         """Per-row base offsets of the Δ input and, for a low-rank one, the tile's rows of W as
         (BLOCK_ROWS, BLOCK_R, 1); the low-rank input (batch, 1, R, *Ls) is based per batch, like B."""
-        offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
+        offs_r = tl.arange(0, BLOCK_R).to(INDEX)
         if LOWRANK:
             if SHARED_BC:
                 base = ((pid * BLOCK_ROWS) // dim) * sd_b
@@ -206,11 +212,11 @@ if triton is not None:
     def _block_delta(dl_ptr, row_dl, W3, t, mask2, row_ok, t_ok, bias, L2, R, sd_d, sd_1, sd_2,
                      BLOCK_R: tl.constexpr, TWO_LEVEL: tl.constexpr, SHARED_BC: tl.constexpr,
                      LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                     COMPUTE: tl.constexpr):
+                     COMPUTE: tl.constexpr, INDEX: tl.constexpr):
         """_block_dt, or with LOWRANK delta = W @ dts computed here: the block of the low-rank input
         (1 or BLOCK_ROWS, BLOCK_R, BLOCK_T) is loaded like B, sd_d being its stride over R."""
         if LOWRANK:
-            offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
+            offs_r = tl.arange(0, BLOCK_R).to(INDEX)
             dts3 = _load_bc(dl_ptr, row_dl, t, row_ok, t_ok, offs_r, offs_r < R, L2, sd_d, sd_1, sd_2,
                             TWO_LEVEL, SHARED_BC, COMPUTE)
             x, dt = _step_size(_sum(W3 * dts3, axis=1), mask2, bias, HAS_BIAS, SOFTPLUS)
@@ -268,13 +274,13 @@ if triton is not None:
         return lo, hi
 
     @triton.jit
-    def _block_times(i, n_blocks, REVERSE: tl.constexpr, BLOCK_T: tl.constexpr):
+    def _block_times(i, n_blocks, REVERSE: tl.constexpr, BLOCK_T: tl.constexpr, INDEX: tl.constexpr):
         """Natural block index and int64 positions of the i-th block in scan order."""
         if REVERSE:
             c = n_blocks - 1 - i
         else:
             c = i
-        t = c.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+        t = c.to(INDEX) * BLOCK_T + tl.arange(0, BLOCK_T).to(INDEX)
         return c, t
 
     @triton.jit
@@ -304,19 +310,19 @@ if triton is not None:
         BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
         SHARED_BC: tl.constexpr, TWO_LEVEL: tl.constexpr, REVERSE: tl.constexpr, SPLIT: tl.constexpr,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-        SOFTPLUS: tl.constexpr, LOWRANK: tl.constexpr, COMPUTE: tl.constexpr,
+        SOFTPLUS: tl.constexpr, LOWRANK: tl.constexpr, COMPUTE: tl.constexpr, INDEX: tl.constexpr,
     ):
         # Program (tile of rows, segment of time blocks); without SPLIT there is one segment.
         # LOWRANK: dl_ptr is the (batch, 1, R, *Ls) low-rank input and w_ptr the (dim, R) projection.
         # accumulate != 0 adds to out instead of overwriting it; save != 0 writes the block checkpoints.
-        pid = tl.program_id(0).to(tl.int64)
+        pid = tl.program_id(0).to(INDEX)
         seg = tl.program_id(1)
-        rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)
+        rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(INDEX)
         row_ok = rows < n_rows
         bidx = rows // dim
         didx = rows - bidx * dim
         gidx = didx // dim_per_group
-        offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+        offs_n = tl.arange(0, BLOCK_N).to(INDEX)
         n_ok = offs_n < N
         rn_mask = row_ok[:, None] & n_ok[None, :]
         A3 = tl.load(A_ptr + didx[:, None] * N + offs_n[None, :], mask=rn_mask, other=0.0).to(COMPUTE)[:, :, None]
@@ -347,16 +353,16 @@ if triton is not None:
             B_base = bidx * sB_b + gidx * sB_g
             C_base = bidx * sC_b + gidx * sC_g
         row_dl, W3 = _delta_tile(w_ptr, pid, row_ok, bidx, didx, dim, R, sd_b, sd_d,
-                                 BLOCK_ROWS, BLOCK_R, SHARED_BC, LOWRANK, COMPUTE)
+                                 BLOCK_ROWS, BLOCK_R, SHARED_BC, LOWRANK, COMPUTE, INDEX)
         lo, hi = _block_range(seg, blocks_per_seg, n_blocks)
         for i in range(lo, hi):
-            c, t = _block_times(i, n_blocks, REVERSE, BLOCK_T)
+            c, t = _block_times(i, n_blocks, REVERSE, BLOCK_T, INDEX)
             t_ok = t < L
             mask2 = row_ok[:, None] & t_ok[None, :]
             if save:
                 tl.store(saved_ptr + (rows[:, None] * n_blocks + c) * N + offs_n[None, :], h, mask=rn_mask)
             x, dt = _block_delta(dl_ptr, row_dl, W3, t, mask2, row_ok, t_ok, bias, L2, R, sd_d, sd_1, sd_2,
-                                 BLOCK_R, TWO_LEVEL, SHARED_BC, LOWRANK, HAS_BIAS, SOFTPLUS, COMPUTE)
+                                 BLOCK_R, TWO_LEVEL, SHARED_BC, LOWRANK, HAS_BIAS, SOFTPLUS, COMPUTE, INDEX)
             uu = _load_seq(u_ptr, row_u, t, mask2, L2, su_1, su_2, TWO_LEVEL, COMPUTE)
             B3 = _load_bc(B_ptr, B_base, t, row_ok, t_ok, offs_n, n_ok, L2, sB_n, sB_1, sB_2,
                           TWO_LEVEL, SHARED_BC, COMPUTE)
@@ -387,6 +393,7 @@ if triton is not None:
         BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
         SHARED_BC: tl.constexpr, TWO_LEVEL: tl.constexpr, REVERSE: tl.constexpr,
         HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LOWRANK: tl.constexpr, COMPUTE: tl.constexpr,
+        INDEX: tl.constexpr,
     ):
         # For segment `seg` (all but the last): the state it leaves when entered with zero, and the sum
         # of its step sizes (its decay is exp(A * sum dt)). Only each block's final state is needed, so
@@ -394,13 +401,13 @@ if triton is not None:
         # input reaches the block's end decayed by exp(A * (S_T - S_t)) (an exponent <= 0: stable), and
         # h_end = exp(A * S_T) h + sum_t exp(A * (S_T - S_t)) dt_t u_t B_t. One scan of dt per row
         # replaces the (a, b) scan of every state (sm_90 PTX per block: 587 -> 335 instructions).
-        pid = tl.program_id(0).to(tl.int64)
+        pid = tl.program_id(0).to(INDEX)
         seg = tl.program_id(1)
-        rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)
+        rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(INDEX)
         row_ok = rows < n_rows
         bidx = rows // dim
         didx = rows - bidx * dim
-        offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+        offs_n = tl.arange(0, BLOCK_N).to(INDEX)
         n_ok = offs_n < N
         rn_mask = row_ok[:, None] & n_ok[None, :]
         A3 = tl.load(A_ptr + didx[:, None] * N + offs_n[None, :], mask=rn_mask, other=0.0).to(COMPUTE)[:, :, None]
@@ -416,16 +423,16 @@ if triton is not None:
         else:
             B_base = bidx * sB_b + (didx // dim_per_group) * sB_g
         row_dl, W3 = _delta_tile(w_ptr, pid, row_ok, bidx, didx, dim, R, sd_b, sd_d,
-                                 BLOCK_ROWS, BLOCK_R, SHARED_BC, LOWRANK, COMPUTE)
+                                 BLOCK_ROWS, BLOCK_R, SHARED_BC, LOWRANK, COMPUTE, INDEX)
         h = tl.full((BLOCK_ROWS, BLOCK_N), 0.0, COMPUTE)
         sdt = tl.full((BLOCK_ROWS,), 0.0, COMPUTE)
         lo, hi = _block_range(seg, blocks_per_seg, n_blocks)
         for i in range(lo, hi):
-            c, t = _block_times(i, n_blocks, REVERSE, BLOCK_T)
+            c, t = _block_times(i, n_blocks, REVERSE, BLOCK_T, INDEX)
             t_ok = t < L
             mask2 = row_ok[:, None] & t_ok[None, :]
             x, dt = _block_delta(dl_ptr, row_dl, W3, t, mask2, row_ok, t_ok, bias, L2, R, sd_d, sd_1, sd_2,
-                                 BLOCK_R, TWO_LEVEL, SHARED_BC, LOWRANK, HAS_BIAS, SOFTPLUS, COMPUTE)
+                                 BLOCK_R, TWO_LEVEL, SHARED_BC, LOWRANK, HAS_BIAS, SOFTPLUS, COMPUTE, INDEX)
             uu = _load_seq(u_ptr, row_u, t, mask2, L2, su_1, su_2, TWO_LEVEL, COMPUTE)
             B3 = _load_bc(B_ptr, B_base, t, row_ok, t_ok, offs_n, n_ok, L2, sB_n, sB_1, sB_2,
                           TWO_LEVEL, SHARED_BC, COMPUTE)
@@ -481,19 +488,20 @@ if triton is not None:
         BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
         SHARED_BC: tl.constexpr, TWO_LEVEL: tl.constexpr, REVERSE: tl.constexpr,
         HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, COMPUTE: tl.constexpr,
+        INDEX: tl.constexpr,
     ):
         # For segment `seg` (all but the first): the adjoint of the state entering it when the adjoint
         # of the state leaving it is zero, and the sum of its step sizes. Needs no forward state. As in
         # _fwd_summary_kernel no per-step adjoints are scanned: with S_t the block's running sum of dt in
         # scan order (step t included), the adjoint entering the block is
         # exp(A * S_T) carry + sum_t exp(A * S_t) C_t dy_t (exponents <= 0).
-        pid = tl.program_id(0).to(tl.int64)
+        pid = tl.program_id(0).to(INDEX)
         seg = tl.program_id(1) + seg_offset
-        rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)
+        rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(INDEX)
         row_ok = rows < n_rows
         bidx = rows // dim
         didx = rows - bidx * dim
-        offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+        offs_n = tl.arange(0, BLOCK_N).to(INDEX)
         n_ok = offs_n < N
         rn_mask = row_ok[:, None] & n_ok[None, :]
         A3 = tl.load(A_ptr + didx[:, None] * N + offs_n[None, :], mask=rn_mask, other=0.0).to(COMPUTE)[:, :, None]
@@ -514,7 +522,7 @@ if triton is not None:
         sdt = tl.full((BLOCK_ROWS,), 0.0, COMPUTE)
         lo, hi = _block_range(seg, blocks_per_seg, n_blocks)
         for k in range(lo, hi):
-            c, t = _block_times(hi - 1 - (k - lo), n_blocks, REVERSE, BLOCK_T)
+            c, t = _block_times(hi - 1 - (k - lo), n_blocks, REVERSE, BLOCK_T, INDEX)
             t_ok = t < L
             mask2 = row_ok[:, None] & t_ok[None, :]
             x, dt = _block_dt(dl_ptr, row_dl, t, mask2, bias, L2, sd_1, sd_2,
@@ -548,16 +556,16 @@ if triton is not None:
         SHARED_BC: tl.constexpr, BC_PARTIALS: tl.constexpr, BC_ATOMIC: tl.constexpr,
         TWO_LEVEL: tl.constexpr, REVERSE: tl.constexpr, SPLIT: tl.constexpr,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DLAST: tl.constexpr,
-        SOFTPLUS: tl.constexpr, COMPUTE: tl.constexpr,
+        SOFTPLUS: tl.constexpr, COMPUTE: tl.constexpr, INDEX: tl.constexpr,
     ):
-        pid = tl.program_id(0).to(tl.int64)
+        pid = tl.program_id(0).to(INDEX)
         seg = tl.program_id(1)
-        rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)
+        rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(INDEX)
         row_ok = rows < n_rows
         bidx = rows // dim
         didx = rows - bidx * dim
         gidx = didx // dim_per_group
-        offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+        offs_n = tl.arange(0, BLOCK_N).to(INDEX)
         n_ok = offs_n < N
         rn_mask = row_ok[:, None] & n_ok[None, :]
         A3 = tl.load(A_ptr + didx[:, None] * N + offs_n[None, :], mask=rn_mask, other=0.0).to(COMPUTE)[:, :, None]
@@ -599,7 +607,7 @@ if triton is not None:
         lo, hi = _block_range(seg, blocks_per_seg, n_blocks)
         for k in range(lo, hi):
             # Blocks of the segment in reverse scan order.
-            c, t = _block_times(hi - 1 - (k - lo), n_blocks, REVERSE, BLOCK_T)
+            c, t = _block_times(hi - 1 - (k - lo), n_blocks, REVERSE, BLOCK_T, INDEX)
             t_ok = t < L
             mask2 = row_ok[:, None] & t_ok[None, :]
             h_in = tl.load(saved_ptr + (rows[:, None] * n_blocks + c) * N + offs_n[None, :],
@@ -856,6 +864,20 @@ class _Geometry:
                     SHARED_BC=self.shared_bc, TWO_LEVEL=self.two_level, num_warps=self.num_warps, **flags)
 
 
+def _span(t: Optional[torch.Tensor]) -> int:
+    """Elements between a tensor's first and last addressed element, inclusive (0 when empty)."""
+    if t is None or t.numel() == 0:
+        return 0
+    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+
+
+def _index_type(*tensors: Optional[torch.Tensor]):
+    """The kernels' offset type for a launch over ``tensors`` (see INT32_INDEX_SPAN)."""
+    if FORCE_INT64_INDEX or max(map(_span, tensors), default=0) >= INT32_INDEX_SPAN:
+        return tl.int64
+    return tl.int32
+
+
 def _check_ready(u: torch.Tensor) -> None:
     reason = unavailable_reason(u.device)
     if reason is not None:
@@ -955,6 +977,7 @@ def _forward(geo: _Geometry, out, last_state, saved, u, delta, dt_weight, A, B, 
     w = dt_weight if lowrank else A_c
     common = dict(REVERSE=bool(reverse), HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
                   LOWRANK=lowrank, BLOCK_R=_next_power_of_2(rank), COMPUTE=compute)
+    common["INDEX"] = _index_type(u, delta, z, B, C, out, saved, last_state)
     hstart = None
     if geo.n_segs > 1:
         # Segment-parallel: zero-entry summaries of all but the last segment, a sequential combine over
@@ -1027,6 +1050,7 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initia
         bias_c = _small(delta_bias, acc_dtype)
         dlast = _small(dlast_state, acc_dtype)
         saved_c = saved.to(acc_dtype).contiguous()
+        index = _index_type(dout, u, delta, z, B, C, saved_c, du, ddelta, dz, dB_buf, dC_buf, dA_part)
         g_st, u_st, dl_st, z_st = (geo.seq_strides(dout), geo.seq_strides(u), geo.seq_strides(delta),
                                    geo.seq_strides(z))
         B_st, C_st = geo.bc_strides(B), geo.bc_strides(C)
@@ -1041,7 +1065,7 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initia
                 geo.n_rows, dim, geo.dim_per_group, L, geo.L2, N, geo.n_blocks, geo.blocks_per_seg, S, 1,
                 *g_st, *dl_st, *z_st, *C_st,
                 **geo.constexprs(REVERSE=bool(reverse), HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                                 SOFTPLUS=bool(delta_softplus), COMPUTE=compute))
+                                 SOFTPLUS=bool(delta_softplus), COMPUTE=compute, INDEX=index))
             cend = _combine_segments(geo, dlast, gloc, sdt, A_c, backward=True, compute=compute)
         _scan_bwd_kernel[geo.grid](
             dout, dlast if dlast is not None else A_c, cend if cend is not None else A_c,
@@ -1053,7 +1077,7 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initia
             **geo.constexprs(BC_PARTIALS=partials, BC_ATOMIC=atomic, REVERSE=bool(reverse), SPLIT=S > 1,
                              HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                              HAS_DLAST=dlast_state is not None, SOFTPLUS=bool(delta_softplus),
-                             COMPUTE=compute))
+                             COMPUTE=compute, INDEX=index))
     else:
         du.zero_()
         ddelta.zero_()

@@ -173,6 +173,27 @@ def test_matches_reference(settings, case):
     check_case(settings, **SWEEP[case])
 
 
+@pytest.mark.parametrize("case", ["L65_all_chunk16", "L65_groups_token_major_reverse", "2d_col_major",
+                                  "segments_2d_reverse_groups", "bc_atomic_gather_tiles"])
+def test_int64_offsets_match_reference(settings, monkeypatch, case):
+    # Launches over tensors this small use int32 offsets; the int64 path (tensors spanning 2**30 elements
+    # or more, run on a GPU by test_triton_gpu.py) computes the same here.
+    monkeypatch.setattr(tb, "FORCE_INT64_INDEX", True)
+    check_case(settings, **SWEEP[case])
+
+
+def test_offset_type_follows_the_largest_span():
+    import triton.language as tl
+
+    small = torch.empty(4, 8)
+    assert tb._index_type(small, None, torch.empty(0)) == tl.int32
+    # a view that addresses 2**30 elements apart needs int64 offsets however few elements it has
+    wide = torch.empty_strided((2, 3), (2**29, 1), device="meta")
+    assert tb._span(wide) == 2**29 + 3 and tb._index_type(small, wide) == tl.int32
+    wider = torch.empty_strided((3, 3), (2**29, 1), device="meta")
+    assert tb._index_type(small, wider) == tl.int64
+
+
 def test_stress_inputs_stay_finite(settings):
     # softplus arguments above 20 (identity branch) and A down to -1e3: finite and still exact.
     check_case(settings, Ls=(65,), chunk=16, delta_shift=22.0, delta_scale=3.0, A_scale=1e3, **ALL)
