@@ -268,7 +268,8 @@ CROSS_SCAN_SHAPES = {
 def cross_scan_section():
     """ViM2's four-route scan with a low-rank Δ: the fused path (Δ projected inside the Triton forward,
     routes summed in place) against the per-route path it replaced on CUDA (Δ materialised per route,
-    one Triton scan per route), inference and forward+backward: time and extra peak memory."""
+    one Triton scan per route), inference and forward+backward: time and extra peak memory; and the fused
+    path's time with int64 offsets forced (the kernels' offsets before int32 ones, see docs/kernels.md)."""
     import vim2_kernels
     from vim2_kernels import cross_scan
 
@@ -289,10 +290,15 @@ def cross_scan_section():
         def train():
             torch.autograd.grad(call(*leaves), leaves, dout)
 
+        from vim2_kernels.selective_scan import triton_backend as tb
+
         results = {}
         saved_limit = cross_scan.FUSED_LOWRANK_MAX_RANK["triton"]
-        for path, limit in (("fused", saved_limit), ("per-route", 0)):
-            cross_scan.FUSED_LOWRANK_MAX_RANK["triton"] = limit
+        # (path, rank limit, int64 offsets forced): the fused path with int64 offsets is what ran before
+        # the kernels switched to int32 offsets for tensors of this size
+        for path, limit, int64 in (("fused", saved_limit, False), ("per-route", 0, False),
+                                   ("fused int64", saved_limit, True)):
+            cross_scan.FUSED_LOWRANK_MAX_RANK["triton"], tb.FORCE_INT64_INDEX = limit, int64
             try:
                 with torch.no_grad():
                     infer = (cuda_time_ms(lambda: call(*args), max_reps=50), extra_peak_mb(lambda: call(*args)))
@@ -300,12 +306,13 @@ def cross_scan_section():
             except torch.cuda.OutOfMemoryError:
                 results[path] = (float("nan"),) * 4
             finally:
-                cross_scan.FUSED_LOWRANK_MAX_RANK["triton"] = saved_limit
+                cross_scan.FUSED_LOWRANK_MAX_RANK["triton"], tb.FORCE_INT64_INDEX = saved_limit, False
         (fi, fim, ft, ftm), (ui, uim, ut, utm) = results["fused"], results["per-route"]
+        li, _, lt, _ = results["fused int64"]
         print(f"  {name:36s} infer   fused {fi:8.3f} ms (+{fim:.0f} MB)  per-route {ui:8.3f} ms (+{uim:.0f} MB)  "
-              f"{ui / fi:5.2f}x")
+              f"{ui / fi:5.2f}x; int64 offsets {li:8.3f} ms ({li / fi:5.2f}x)")
         print(f"  {name:36s} fwd+bwd fused {ft:8.3f} ms (+{ftm:.0f} MB)  per-route {ut:8.3f} ms (+{utm:.0f} MB)  "
-              f"{ut / ft:5.2f}x")
+              f"{ut / ft:5.2f}x; int64 offsets {lt:8.3f} ms ({lt / ft:5.2f}x)")
         del args, leaves, dout
         torch.cuda.empty_cache()
 
