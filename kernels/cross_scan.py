@@ -128,12 +128,19 @@ def _cross_scan_lowrank_bwd_op(
         del delta_k, delta_seq  # only one route's full-size maps are alive at a time
         du += du_k.permute(inverse)
         del du_k
-        # dΔ (batch, dim, L1, L2) is contiguous in the route's order: project it to rank R there (the
-        # (batch, H, W, dim) view of it would be copied by the matmuls)
-        ddelta_flat, dts_flat = ddelta_k.flatten(2), dts_k.squeeze(1).flatten(2)  # (b, dim, L), (b, R, L)
-        ddts.append(torch.matmul(weight.t(), ddelta_flat).unflatten(2, ddelta_k.shape[2:]).permute(inverse))
-        dW.append(torch.matmul(ddelta_flat, dts_flat.transpose(1, 2)).sum(0))
-        del ddelta_k, ddelta_flat
+        # Project dΔ back to rank R in whichever layout it is dense in, so that the matmuls copy no
+        # full-size map: the map's (batch, H, W, dim) for the cpu backend (its outputs keep the input's
+        # strides), the route's (batch, dim, L1, L2) for the triton backend (contiguous outputs).
+        ddelta_map = ddelta_k.permute(inverse)
+        if ddelta_map.is_contiguous():
+            ddts.append(torch.matmul(ddelta_map, weight))
+            dW.append(ddelta_map.flatten(0, 2).t() @ dts32[:, :, :, k].flatten(0, 2))
+        else:
+            ddelta_seq, dts_seq = ddelta_k.flatten(2), dts_k.squeeze(1).flatten(2)  # (b, dim, L), (b, R, L)
+            ddts.append(torch.matmul(weight.t(), ddelta_seq).unflatten(2, ddelta_k.shape[2:]).permute(inverse))
+            dW.append(torch.matmul(ddelta_seq, dts_seq.transpose(1, 2)).sum(0))
+            del ddelta_seq
+        del ddelta_k, ddelta_map
         dA.append(dA_k)
         dB.append(dB_k.squeeze(1).permute(inverse))
         dC.append(dC_k.squeeze(1).permute(inverse))

@@ -293,7 +293,7 @@ def cross_scan_section():
         from vim2_kernels.selective_scan import triton_backend as tb
 
         results = {}
-        saved_limit = cross_scan.FUSED_LOWRANK_MAX_RANK["triton"]
+        saved_limit, saved_int64 = cross_scan.FUSED_LOWRANK_MAX_RANK["triton"], tb.FORCE_INT64_INDEX
         # (path, rank limit, int64 offsets forced): the fused path with int64 offsets is what ran before
         # the kernels switched to int32 offsets for tensors of this size
         for path, limit, int64 in (("fused", saved_limit, False), ("per-route", 0, False),
@@ -306,7 +306,7 @@ def cross_scan_section():
             except torch.cuda.OutOfMemoryError:
                 results[path] = (float("nan"),) * 4
             finally:
-                cross_scan.FUSED_LOWRANK_MAX_RANK["triton"], tb.FORCE_INT64_INDEX = saved_limit, False
+                cross_scan.FUSED_LOWRANK_MAX_RANK["triton"], tb.FORCE_INT64_INDEX = saved_limit, saved_int64
         (fi, fim, ft, ftm), (ui, uim, ut, utm) = results["fused"], results["per-route"]
         li, _, lt, _ = results["fused int64"]
         print(f"  {name:36s} infer   fused {fi:8.3f} ms (+{fim:.0f} MB)  per-route {ui:8.3f} ms (+{uim:.0f} MB)  "

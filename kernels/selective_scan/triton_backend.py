@@ -62,6 +62,7 @@ set before this module was imported (slow; meant for tests on tiny shapes).
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from typing import Optional, Sequence, Tuple
@@ -117,6 +118,12 @@ _INTERPRETED = False
 
 if triton is not None:
 
+    # Integer arguments that stay runtime values (no specialisation on 1 or on divisibility by 16; the
+    # latter switch exists from Triton 3.2, before which do_not_specialize covers both).
+    _RUNTIME_FLAGS = dict(do_not_specialize=["accumulate", "save"])
+    if "do_not_specialize_on_alignment" in inspect.signature(triton.jit).parameters:
+        _RUNTIME_FLAGS["do_not_specialize_on_alignment"] = ["accumulate", "save"]
+
     # Triton's own @jit library functions (tl.sum, tl.zeros, tl.sigmoid) are built when triton is
     # imported; if that happened before TRITON_INTERPRET=1 was set they cannot run under the interpreter.
     # The kernels therefore use builtins and these local helpers only.
@@ -134,7 +141,7 @@ if triton is not None:
 
     @triton.jit
     def _seq_offsets(t, L2, s1, s2, TWO_LEVEL: tl.constexpr):
-        # t: int64 positions in the flattened sequence; two-level sequences map t -> (t // L2, t % L2).
+        # t: positions (INDEX-typed) in the flattened sequence; two-level ones map t -> (t // L2, t % L2).
         if TWO_LEVEL:
             t1 = t // L2
             off = t1 * s1 + (t - t1 * L2) * s2
@@ -275,7 +282,7 @@ if triton is not None:
 
     @triton.jit
     def _block_times(i, n_blocks, REVERSE: tl.constexpr, BLOCK_T: tl.constexpr, INDEX: tl.constexpr):
-        """Natural block index and int64 positions of the i-th block in scan order."""
+        """Natural block index and the positions (of type INDEX) of the i-th block in scan order."""
         if REVERSE:
             c = n_blocks - 1 - i
         else:
@@ -296,7 +303,7 @@ if triton is not None:
 
     # accumulate/save are runtime flags (a uniform branch per block), not constexprs: each constexpr doubles
     # the variants compiled on first use (ViM2-T's training step and inference compiled 32 of this kernel).
-    @triton.jit(do_not_specialize=["accumulate", "save"], do_not_specialize_on_alignment=["accumulate", "save"])
+    @triton.jit(**_RUNTIME_FLAGS)
     def _scan_fwd_kernel(
         u_ptr, dl_ptr, w_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, h0_ptr, hstart_ptr,
         out_ptr, last_ptr, saved_ptr,
@@ -397,10 +404,11 @@ if triton is not None:
     ):
         # For segment `seg` (all but the last): the state it leaves when entered with zero, and the sum
         # of its step sizes (its decay is exp(A * sum dt)). Only each block's final state is needed, so
-        # no per-step states are scanned: with S_t the block's running sum of dt in scan order, step t's
-        # input reaches the block's end decayed by exp(A * (S_T - S_t)) (an exponent <= 0: stable), and
-        # h_end = exp(A * S_T) h + sum_t exp(A * (S_T - S_t)) dt_t u_t B_t. One scan of dt per row
-        # replaces the (a, b) scan of every state (sm_90 PTX per block: 587 -> 335 instructions).
+        # no per-step states are scanned: step t's input reaches the block's end decayed by exp(A * R_t),
+        # R_t the sum of the dt that follow t in scan order (a scan against the scan order: no cancellation
+        # of a difference of running sums), and h_end = exp(A * S_T) h + sum_t exp(A * R_t) dt_t u_t B_t
+        # with S_T the block's dt sum. One scan of dt per row replaces the (a, b) scan of every state
+        # (sm_90 PTX per block: 587 -> 342 instructions). For dt >= 0 every exponent is <= 0.
         pid = tl.program_id(0).to(INDEX)
         seg = tl.program_id(1)
         rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(INDEX)
@@ -436,9 +444,8 @@ if triton is not None:
             uu = _load_seq(u_ptr, row_u, t, mask2, L2, su_1, su_2, TWO_LEVEL, COMPUTE)
             B3 = _load_bc(B_ptr, B_base, t, row_ok, t_ok, offs_n, n_ok, L2, sB_n, sB_1, sB_2,
                           TWO_LEVEL, SHARED_BC, COMPUTE)
-            running = tl.associative_scan(dt, axis=1, combine_fn=_add, reverse=REVERSE)  # S_t
+            to_end = tl.associative_scan(dt, axis=1, combine_fn=_add, reverse=not REVERSE) - dt  # R_t
             block_dt = _sum(dt, axis=1)  # S_T
-            to_end = tl.maximum(block_dt[:, None] - running, 0.0)
             reach = tl.exp(A3 * to_end[:, None, :]) * ((dt * uu)[:, None, :] * B3)
             h = _sum(tl.exp(A3 * block_dt[:, None, None]), axis=2) * h + _sum(reach, axis=2)
             sdt += block_dt
@@ -781,6 +788,8 @@ def _pick_segments(n_tiles: int, n_blocks: int, num_warps: int, device: torch.de
     ``SPLIT_BELOW_WARPS_PER_SM`` warps each. Then the split aims at ``TARGET_WARPS_PER_SM`` warps on every
     SM; beyond two segments more cost only a longer sequential combine over (rows, segments, N) state.
     """
+    if n_blocks == 0 or n_tiles == 0:  # empty sequence or no rows: one (empty) segment
+        return 1, 1
     if SEGMENTS is not None:
         wanted = max(1, int(SEGMENTS))
     elif _INTERPRETED:
@@ -792,8 +801,6 @@ def _pick_segments(n_tiles: int, n_blocks: int, num_warps: int, device: torch.de
         else:
             target = -(-TARGET_WARPS_PER_SM * sms // num_warps)  # programs
             wanted = min(-(-target // n_tiles), n_blocks // MIN_BLOCKS_PER_SEGMENT, MAX_AUTO_SEGMENTS)
-    if n_blocks == 0:  # empty sequence: one (empty) segment
-        return 1, 1
     wanted = max(1, min(wanted, n_blocks, MAX_SEGMENTS))
     blocks_per_seg = -(-n_blocks // wanted)
     return -(-n_blocks // blocks_per_seg), blocks_per_seg
@@ -977,12 +984,14 @@ def _forward(geo: _Geometry, out, last_state, saved, u, delta, dt_weight, A, B, 
     w = dt_weight if lowrank else A_c
     common = dict(REVERSE=bool(reverse), HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
                   LOWRANK=lowrank, BLOCK_R=_next_power_of_2(rank), COMPUTE=compute)
-    common["INDEX"] = _index_type(u, delta, z, B, C, out, saved, last_state)
-    hstart = None
+    hstart = hloc = None
+    if geo.n_segs > 1:
+        # (rows, segments, N) summaries; hstart, the combine's output, has the same shape
+        hloc = torch.zeros((batch, dim, geo.n_segs, N), dtype=acc_dtype, device=u.device)
+    common["INDEX"] = _index_type(u, delta, z, B, C, out, saved, last_state, hloc)
     if geo.n_segs > 1:
         # Segment-parallel: zero-entry summaries of all but the last segment, a sequential combine over
         # segments, then every segment runs from its true entering state.
-        hloc = torch.zeros((batch, dim, geo.n_segs, N), dtype=acc_dtype, device=u.device)
         sdt = torch.zeros((batch, dim, geo.n_segs), dtype=acc_dtype, device=u.device)
         _fwd_summary_kernel[(geo.n_tiles, geo.n_segs - 1)](
             u, delta, w, A_c, B, bias_c if bias_c is not None else A_c, hloc, sdt, *sizes,

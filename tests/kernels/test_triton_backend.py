@@ -161,6 +161,10 @@ SWEEP = {
     "tile_spans_batches": dict(batch=3, dim=2, block_rows=4, Ls=(9,), **ALL),
     # Segment-parallel mode (few rows, long L): 9 blocks in 3 segments; 2-D reverse with an uneven split.
     "segments_3": dict(Ls=(65,), segments=3, **ALL),
+    # Δ used as given (no softplus) can be negative: the summaries must not assume dt >= 0
+    "segments_3_negative_delta": dict(Ls=(65,), segments=3, D=True, z=True, h0=True, dlast=True),
+    "segments_3_negative_delta_reverse": dict(Ls=(65,), segments=3, reverse=True, D=True, z=True, h0=True,
+                                              dlast=True),
     "segments_2d_reverse_groups": dict(Ls=(7, 9), groups=2, layout="col_major_2d", segments=4, reverse=True, **ALL),
     "float64": dict(dtype=torch.float64, Ls=(65,), chunk=16, groups=2, **ALL),
     "float16": dict(dtype=torch.float16, Ls=(65,), chunk=16, **ALL),
@@ -192,6 +196,23 @@ def test_offset_type_follows_the_largest_span():
     assert tb._span(wide) == 2**29 + 3 and tb._index_type(small, wide) == tl.int32
     wider = torch.empty_strided((3, 3), (2**29, 1), device="meta")
     assert tb._index_type(small, wider) == tl.int64
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_segment_summaries_stay_exact_after_large_steps(settings, reverse):
+    # Blocks of 4 tiny steps (dt = 1e-3), 24 large ones (dt = 50, input 0) and 4 tiny ones, A down to -19:
+    # the state a segment hands on comes from its last tiny steps alone, whose decay a summary built from
+    # differences of running sums (about 1200 here) got wrong in the fourth digit.
+    cfg, inputs, dout, dlast = make_case(0, Ls=(128,), chunk=32, segments=4, A_scale=16.0, reverse=reverse)
+    in_block = torch.arange(128) % 32 if not reverse else torch.arange(127, -1, -1) % 32
+    large = ((in_block >= 4) & (in_block < 28)).to(torch.float64)
+    jitter = 1 + 0.1 * torch.rand(inputs["delta"].shape, generator=torch.Generator().manual_seed(1),
+                                  dtype=torch.float64)
+    inputs["delta"] = ((large * 50.0 + (1 - large) * 1e-3) * jitter).float().double()
+    inputs["u"] = inputs["u"] * (1 - large)
+    settings(cfg["chunk"], cfg["block_rows"], cfg["bc"], cfg["segments"])
+    x, out, last, grads = run_backend(cfg, inputs, dout, dlast)
+    assert_matches_reference(cfg, inputs, x, out, last, grads, dout, dlast, TOLERANCE)
 
 
 def test_stress_inputs_stay_finite(settings):
@@ -309,3 +330,4 @@ def test_segment_split_is_bounded_for_one_tile_and_huge_L(h200_like):
     plan = _launch_plan(1, 1, 2**20)
     assert 1 < plan["segs"] <= tb.MAX_AUTO_SEGMENTS
     assert tb._pick_segments(1, 0, 2, torch.device("cpu")) == (1, 1)  # empty sequence
+    assert tb._pick_segments(0, 10, 2, torch.device("cpu")) == (1, 1)  # no rows (batch or dim 0)
