@@ -42,6 +42,8 @@ def _import_backend(name: str):
         return importlib.import_module(f"{__package__}.{_MODULES[name]}"), None
     except ImportError as exc:  # e.g. the triton backend on a machine without triton
         return None, f"cannot import the {name} backend: {exc}"
+    except Exception as exc:  # e.g. a Triton too old or broken for the kernel definitions: other backends stay usable
+        return None, f"cannot import the {name} backend: {type(exc).__name__}: {exc}"
 
 
 def get_backend_module(name: str) -> ModuleType:

@@ -195,6 +195,31 @@ def test_explicit_request_that_cannot_run_raises_with_reason(fresh_dispatch):
         selective_scan_fn(**make_inputs(), backend="triton")
 
 
+def test_backend_that_fails_to_import_is_reported_not_raised(fresh_dispatch):
+    # e.g. a Triton too old for the kernel definitions raises TypeError at import: that backend is
+    # unavailable with the reason, the others still serve
+    import importlib
+
+    real_import = importlib.import_module
+
+    def failing_import(name, *args):
+        if name.endswith(".triton_backend"):
+            raise TypeError("jit() got an unexpected keyword argument 'do_not_specialize_on_alignment'")
+        return real_import(name, *args)
+
+    dispatch._import_backend.cache_clear()
+    fresh_dispatch.setattr(dispatch.importlib, "import_module", failing_import)
+    try:
+        status = dispatch.backend_status(torch.device("cpu"))
+        assert status["triton"] == ("cannot import the triton backend: TypeError: jit() got an unexpected keyword "
+                                    "argument 'do_not_specialize_on_alignment'")
+        assert status["torch"] is None
+        with pytest.raises(BackendUnavailableError, match="TypeError: jit"):
+            dispatch.get_backend_module("triton")
+    finally:
+        dispatch._import_backend.cache_clear()
+
+
 def test_auto_fallback_warns_once_with_reason(fresh_dispatch):
     real = dispatch._device_reason
     fresh_dispatch.setattr(
