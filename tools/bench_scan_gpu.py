@@ -330,14 +330,14 @@ def tune(tb, shapes, budget, peak):
     """Times fwd+bwd float32 under other settings of the module-level knobs, an equal share of the time
     budget per shape: ViM2-T's long routes first, then the main table's shapes. The heuristics' own
     choice is timed first, then one knob varied at a time (the most telling first), then pairs."""
-    varied = ([(32, None, s) for s in (1, 8, 32, 128, 512)] + [(32, r, None) for r in (1, 2, 4, 8)]
-              + [(c, None, None) for c in (16, 64)]
-              + [(c, r, s) for c in (32, 16, 64) for r in (1, 2, 4, 8) for s in (1, 8, 32, 128)])
-    settings = [(32, None, None)] + varied
+    varied = ([(32, None, None, w) for w in (1, 4)] + [(32, None, s, None) for s in (1, 8, 32, 128, 512)]
+              + [(32, r, None, None) for r in (1, 2, 4, 8)] + [(c, None, None, None) for c in (16, 64)]
+              + [(c, r, s, None) for c in (32, 16, 64) for r in (1, 2, 4, 8) for s in (1, 8, 32, 128)])
+    settings = [(32, None, None, None)] + varied
     shapes = list(TUNE_SHAPES) + list(shapes)
-    saved_knobs = (tb.CHUNK_SIZE, tb.BLOCK_ROWS, tb.SEGMENTS)
+    saved_knobs = (tb.CHUNK_SIZE, tb.BLOCK_ROWS, tb.SEGMENTS, tb.NUM_WARPS)
     print(f"\nTriton setting sweep, float32 fwd+bwd, budget {budget:.0f} s "
-          "(CHUNK_SIZE, BLOCK_ROWS, SEGMENTS; None = heuristic):")
+          "(CHUNK_SIZE, BLOCK_ROWS, SEGMENTS, NUM_WARPS; None = heuristic):")
     try:
         for shape_name in shapes:
             deadline = time.perf_counter() + budget / len(shapes)
@@ -345,26 +345,29 @@ def tune(tb, shapes, budget, peak):
             x = make_inputs(batch, dim, L, N, torch.float32)
             floor = floor_bytes(x)["fwd+bwd"]
             results = []
-            for chunk, rows, segs in settings:
+            for chunk, rows, segs, warps in settings:
                 if results and time.perf_counter() > deadline:
                     break
-                tb.CHUNK_SIZE, tb.BLOCK_ROWS, tb.SEGMENTS = chunk, rows, segs
+                tb.CHUNK_SIZE, tb.BLOCK_ROWS, tb.SEGMENTS, tb.NUM_WARPS = chunk, rows, segs, warps
                 try:
                     ms = cuda_time_ms(passes(tb, x)["fwd+bwd"], min_seconds=0.1, max_reps=50)
                 except Exception as exc:  # e.g. too many registers for a big tile
-                    print(f"  {shape_name}: chunk={chunk} rows={rows} segs={segs} failed: {type(exc).__name__}")
+                    print(f"  {shape_name}: chunk={chunk} rows={rows} segs={segs} warps={warps} failed: "
+                          f"{type(exc).__name__}")
                     continue
-                results.append((ms, chunk, rows, segs))
-            heuristic = results[0][0] if results and results[0][1:] == (32, None, None) else float("nan")
+                results.append((ms, chunk, rows, segs, warps))
+            heuristic = results[0][0] if results and results[0][1:] == (32, None, None, None) else float("nan")
             print(f"  {shape_name:34s} heuristics {heuristic:8.3f} ms; {len(results)} settings timed; best:")
-            for ms, chunk, rows, segs in sorted(results)[:3]:
+            for ms, chunk, rows, segs, warps in sorted(results, key=lambda r: r[0])[:3]:
                 pct = 100.0 * floor / (ms * 1e-3) / 1e9 / peak
-                print(f"  {'':34s} chunk={chunk:<3d} rows={str(rows):4s} segs={str(segs):4s} "
+                print(f"  {'':34s} chunk={chunk:<3d} rows={str(rows):4s} segs={str(segs):4s} warps={str(warps):4s} "
                       f"{ms:8.3f} ms {pct:6.1f}% floor {heuristic / ms:5.2f}x")
+            for ms, chunk, rows, segs, warps in results[1:3]:  # the warp settings, whatever their rank
+                print(f"  {'':34s} (warps={warps}: {ms:8.3f} ms, {heuristic / ms:5.2f}x)")
             del x
             torch.cuda.empty_cache()
     finally:
-        tb.CHUNK_SIZE, tb.BLOCK_ROWS, tb.SEGMENTS = saved_knobs
+        tb.CHUNK_SIZE, tb.BLOCK_ROWS, tb.SEGMENTS, tb.NUM_WARPS = saved_knobs
 
 
 if __name__ == "__main__":

@@ -121,9 +121,10 @@ def scan_cases(tb) -> List[Tuple[str, Callable[[], None]]]:
 
     def scan(batch=2, dim=16, Ls=(64,), N=16, groups=1, layout="contiguous", dtype=torch.float32, z=True, D=True,
              bias=True, h0=True, softplus=True, reverse=False, dlast=True, segments=None, block_rows=None,
-             bc="auto"):
+             bc="auto", warps=None, int64=False):
         def run():
             tb.SEGMENTS, tb.BLOCK_ROWS, tb.BC_GRAD_REDUCTION = segments, block_rows, bc
+            tb.NUM_WARPS, tb.FORCE_INT64_INDEX = warps, int64
             u = seq(batch, dim, Ls, layout, dtype)
             delta = seq(batch, dim, Ls, layout, dtype)
             zz = seq(batch, dim, Ls, layout, dtype) if z else None
@@ -139,9 +140,10 @@ def scan_cases(tb) -> List[Tuple[str, Callable[[], None]]]:
         return run
 
     def lowrank(batch=2, H=8, W=8, dim=16, N=16, R=6, route_dims=(0, 3, 1, 2), reverse=False, dtype=torch.float32,
-                accumulate=True, save=True, segments=None, block_rows=None):
+                accumulate=True, save=True, segments=None, block_rows=None, warps=None, int64=False):
         def run():
             tb.SEGMENTS, tb.BLOCK_ROWS = segments, block_rows
+            tb.NUM_WARPS, tb.FORCE_INT64_INDEX = warps, int64
             out = torch.zeros(batch, H, W, dim, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
             u = torch.randn(batch, H, W, dim, dtype=dtype)
             dts = torch.randn(batch, H, W, R, dtype=dtype).permute(*route_dims).unsqueeze(1)
@@ -166,6 +168,9 @@ def scan_cases(tb) -> List[Tuple[str, Callable[[], None]]]:
         ("scan: bfloat16, reverse", scan(dtype=torch.bfloat16, reverse=True)),
         ("scan: float64", scan(dtype=torch.float64, N=4)),
         ("scan: tiles straddling groups", scan(dim=6, groups=2, block_rows=4)),
+        ("scan: one warp, segments", scan(warps=1, segments=3, Ls=(200,))),
+        ("scan: int64 offsets, two-level, segments", scan(int64=True, layout="col_major_2d", Ls=(20, 10),
+                                                          segments=3)),
     ]
     for R in (1, 6, 24, 64):
         cases.append((f"low-rank: rank {R}, row route, segments", lowrank(R=R, segments=2)))
@@ -173,6 +178,7 @@ def scan_cases(tb) -> List[Tuple[str, Callable[[], None]]]:
         ("low-rank: column route reversed, first route", lowrank(route_dims=col, reverse=True, accumulate=False)),
         ("low-rank: tiles straddling batch elements", lowrank(dim=6, block_rows=4, route_dims=col)),
         ("low-rank: inference (no checkpoints)", lowrank(save=False)),
+        ("low-rank: one warp, int64 offsets, segments", lowrank(warps=1, int64=True, segments=3, route_dims=col)),
         ("low-rank: bfloat16 maps", lowrank(dtype=torch.bfloat16, route_dims=col)),
         ("low-rank: float16 maps, segments", lowrank(dtype=torch.float16, segments=3)),
         ("low-rank: ViM2-T stage 1 at 224 px", lowrank(batch=1, H=56, W=56, dim=192, R=6, route_dims=col)),
