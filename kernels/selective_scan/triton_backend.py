@@ -92,10 +92,12 @@ NUM_WARPS: Optional[int] = None
 # Segment heuristic (see _pick_segments): a launch whose row tiles alone put at least SPLIT_BELOW_WARPS_PER_SM
 # warps on every SM stays sequential (measured on an H200: ViM2-T's 768-row stage-3 route ran 1.37x faster
 # unsplit, at 11.6 warps/SM forward, than in 6 segments); below it, segments bring the launch to
-# TARGET_WARPS_PER_SM (Hopper/Ampere SMs hold up to 64; registers cap the real residency lower, the rest
-# queue at no cost), none shorter than MIN_BLOCKS_PER_SEGMENT time blocks (short sequences stay sequential).
+# TARGET_WARPS_PER_SM, more than an SM holds (64 on Hopper/Ampere, fewer by registers; the rest queue, which
+# evens out the segments' tails: the stage-1 route of ViM2-T at 1024 px ran 1.09x faster in 32 segments
+# than in the 22 of a 64-warp target, and no faster in 128), none shorter than MIN_BLOCKS_PER_SEGMENT time
+# blocks (short sequences stay sequential).
 SPLIT_BELOW_WARPS_PER_SM = 8
-TARGET_WARPS_PER_SM = 64
+TARGET_WARPS_PER_SM = 96
 MIN_BLOCKS_PER_SEGMENT = 4
 # The combine over segments is one dependent step per segment: the heuristic stays at or below this many
 # (ViM2-T's longest routes need 22); SEGMENTS may force up to MAX_SEGMENTS (the grid's y limit).
