@@ -100,7 +100,7 @@ SPLIT_BELOW_WARPS_PER_SM = 8
 TARGET_WARPS_PER_SM = 96
 MIN_BLOCKS_PER_SEGMENT = 4
 # The combine over segments is one dependent step per segment: the heuristic stays at or below this many
-# (ViM2-T's longest routes need 22); SEGMENTS may force up to MAX_SEGMENTS (the grid's y limit).
+# (ViM2-T's longest routes at 1024 px take 33); SEGMENTS may force up to MAX_SEGMENTS (the grid's y limit).
 MAX_AUTO_SEGMENTS = 256
 MAX_SEGMENTS = 65535
 # Offset arithmetic of the scan kernels: int32 where every tensor of a launch spans fewer than
