@@ -71,8 +71,8 @@ echo "== GPU tests (pytest -m gpu)"
 # Most of this stage is Triton compiling kernel variants on first use (single-threaded per process):
 # with pytest-xdist, four processes compile in parallel (on an H100 the tests alone took over 180 s).
 PARALLEL=()
-if "$PY" -c "import xdist" 2>/dev/null; then PARALLEL=(-n 4); fi
-# (The two memory-gated tests, 48 and 13 GB, may then run at once: fine on an 80 GB card.)
+if "$PY" -c "import xdist" 2>/dev/null; then PARALLEL=(-n 4 --dist loadgroup); fi
+# (--dist loadgroup keeps the two tests of tens of GB in one process, one after the other.)
 timeout 150 "$PY" -m pytest -m gpu tests/kernels/test_triton_gpu.py -v -rfEs -p no:cacheprovider \
   --durations=8 ${PARALLEL[@]+"${PARALLEL[@]}"} || { rc=$?; echo "GPU tests: exit status $rc"; status=$rc; }
 

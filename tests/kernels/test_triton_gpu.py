@@ -172,6 +172,9 @@ def test_deterministic_mode_gives_identical_bc_grads():
         assert torch.equal(results[0][index], results[1][index]), index
 
 
+# The two tests that take tens of GB share one xdist group: under `pytest -n N --dist loadgroup`
+# (tools/gpu_check.sh) they run one after the other in one process, never side by side.
+@pytest.mark.xdist_group("large_memory")
 def test_int64_offsets_in_strided_inputs():
     # A batch stride beyond 2**31 elements: input addresses need 64-bit arithmetic.
     batch, dim, N, L = 2, 4, 4, 64
@@ -201,6 +204,7 @@ def test_int64_offsets_in_strided_inputs():
     assert (du.double() - ref_du).abs().max().item() <= 5e-3 * max(1.0, ref_du.abs().max().item())
 
 
+@pytest.mark.xdist_group("large_memory")
 def test_int64_offsets_in_outputs():
     # batch*dim*L > 2**31 output elements (dim=1 rows as in the channel mixer); inputs are stride-0
     # expansions of one row, so every row must reproduce that row's reference result.
