@@ -281,6 +281,12 @@ if triton is not None:
         return gs, carry_out
 
     @triton.jit
+    def _across_block(A3, block_dt, carried, reach):
+        """A summary's carried (BLOCK_ROWS, BLOCK_N) state or adjoint across one block: decayed by
+        exp(A * S_T), S_T = block_dt the block's dt sum, plus the block's own (rows, N, T) contributions."""
+        return _sum(tl.exp(A3 * block_dt[:, None, None]), axis=2) * carried + _sum(reach, axis=2)
+
+    @triton.jit
     def _block_range(seg, blocks_per_seg, n_blocks):
         lo = seg * blocks_per_seg
         hi = tl.minimum(lo + blocks_per_seg, n_blocks)
@@ -453,7 +459,7 @@ if triton is not None:
             to_end = tl.associative_scan(dt, axis=1, combine_fn=_add, reverse=not REVERSE) - dt  # R_t
             block_dt = _sum(dt, axis=1)  # S_T
             reach = tl.exp(A3 * to_end[:, None, :]) * ((dt * uu)[:, None, :] * B3)
-            h = _sum(tl.exp(A3 * block_dt[:, None, None]), axis=2) * h + _sum(reach, axis=2)
+            h = _across_block(A3, block_dt, h, reach)
             sdt += block_dt
         tl.store(hloc_ptr + (rows[:, None] * n_segs + seg) * N + offs_n[None, :], h, mask=rn_mask)
         tl.store(sdt_ptr + rows * n_segs + seg, sdt, mask=row_ok)
@@ -549,7 +555,7 @@ if triton is not None:
             running = tl.associative_scan(dt, axis=1, combine_fn=_add, reverse=REVERSE)  # S_t
             block_dt = _sum(dt, axis=1)  # S_T
             reach = tl.exp(A3 * running[:, None, :]) * (gy[:, None, :] * C3)
-            carry = _sum(tl.exp(A3 * block_dt[:, None, None]), axis=2) * carry + _sum(reach, axis=2)
+            carry = _across_block(A3, block_dt, carry, reach)
             sdt += block_dt
         tl.store(gloc_ptr + (rows[:, None] * n_segs + seg) * N + offs_n[None, :], carry, mask=rn_mask)
         tl.store(sdt_ptr + rows * n_segs + seg, sdt, mask=row_ok)
@@ -991,11 +997,11 @@ def _forward(geo: _Geometry, out, last_state, saved, u, delta, dt_weight, A, B, 
     w = dt_weight if lowrank else A_c
     common = dict(REVERSE=bool(reverse), HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
                   LOWRANK=lowrank, BLOCK_R=_next_power_of_2(rank), COMPUTE=compute)
-    hstart = hloc = None
-    if geo.n_segs > 1:
-        # (rows, segments, N) summaries; hstart, the combine's output, has the same shape
-        hloc = torch.zeros((batch, dim, geo.n_segs, N), dtype=acc_dtype, device=u.device)
+    # (rows, segments, N) segment summaries, allocated first so that their span (and hstart's, the same
+    # shape) counts in the offset type
+    hloc = torch.zeros((batch, dim, geo.n_segs, N), dtype=acc_dtype, device=u.device) if geo.n_segs > 1 else None
     common["INDEX"] = _index_type(u, delta, z, B, C, out, saved, last_state, hloc)
+    hstart = None
     if geo.n_segs > 1:
         # Segment-parallel: zero-entry summaries of all but the last segment, a sequential combine over
         # segments, then every segment runs from its true entering state.

@@ -50,8 +50,7 @@ class WeightedInputAverage(nn.Module):
 
     def forward(self, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """outputs: ``num_inputs`` tensors of one shape (oldest first) -> their weighted sum."""
-        if len(outputs) != self.num_inputs:
-            raise ValueError(f'expected {self.num_inputs} earlier outputs, got {len(outputs)}')
+        self._check_count(outputs)
         weight = self.weight
         x = outputs[0] * weight[0]
         inplace = can_overwrite(x, ())
@@ -63,11 +62,14 @@ class WeightedInputAverage(nn.Module):
     def add_to_(self, y: torch.Tensor, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """``y += forward(outputs)`` in place, without the weighted sum as a tensor of its own (inference:
         lets a block drop its averaged input while its mixer runs and rebuild the residual here)."""
-        if len(outputs) != self.num_inputs:
-            raise ValueError(f'expected {self.num_inputs} earlier outputs, got {len(outputs)}')
+        self._check_count(outputs)
         for output, weight in zip(outputs, self.weight):
             y.addcmul_(output, weight)
         return y
+
+    def _check_count(self, outputs: Sequence[torch.Tensor]) -> None:
+        if len(outputs) != self.num_inputs:
+            raise ValueError(f'expected {self.num_inputs} earlier outputs, got {len(outputs)}')
 
     def extra_repr(self) -> str:
         return f'num_inputs={self.num_inputs}'
