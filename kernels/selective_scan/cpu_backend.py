@@ -44,8 +44,8 @@ _log = logging.getLogger(__name__)
 NAME = "cpu"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CACHE_ENV_VAR = "VIM2_KERNELS_CACHE"
-# Steps between the states saved for backward (its recompute buffer is (2 * N + 3) * CHUNK_SIZE * LANES floats
-# per tile: states, decays, and the chunk's step sizes, dt * u and softplus derivatives).
+# Steps between the states saved for backward (its recompute buffer is (N + 3) * CHUNK_SIZE * LANES floats
+# per tile: states, and the chunk's step sizes, dt * u and softplus derivatives).
 CHUNK_SIZE = 128
 # Largest state size N (MAX_STATE in the C source: fixed-size per-tile arrays); dispatch checks it.
 MAX_D_STATE = 64

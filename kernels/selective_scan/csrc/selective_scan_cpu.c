@@ -444,14 +444,15 @@ int vim2_scan_bwd(const int64_t *shape,
     float *dB_t = dB + thread * bc_numel, *dC_t = dC + thread * bc_numel;
     Tile tl;
     make_tile(&g, tile, &tl);
-    /* heap: the chunk's states and decays, chunk * N * LANES floats each, packed by the real N (with
-       MAX_STATE rows per step, 3/4 of every 8 KB step would be unused at N = 16: 4x the pages and L2);
-       the rest is fixed-size so that the compiler knows nothing aliases */
-    float *scratch = malloc(sizeof(float) * (size_t)((2 * g.N + 3) * g.chunk * LANES));
+    /* heap: the chunk's states, chunk * N * LANES floats, packed by the real N (with MAX_STATE rows per
+       step, 3/4 of every 8 KB step would be unused at N = 16: 4x the pages and L2); the rest is
+       fixed-size so that the compiler knows nothing aliases. The decays are not stored: the reverse walk
+       recomputes them (7 vector operations per 16) rather than reading them back from L2 (1.1x faster). */
+    float *scratch = malloc(sizeof(float) * (size_t)((g.N + 3) * g.chunk * LANES));
     if (!scratch) { failed = 1; continue; }
-    float *hs = scratch, *decays = scratch + g.chunk * g.N * LANES;
+    float *hs = scratch;
     /* per step of the chunk: dt, dt * u and d softplus / dv (1 without softplus) */
-    float (*dtc)[LANES] = (float (*)[LANES])(decays + g.chunk * g.N * LANES);
+    float (*dtc)[LANES] = (float (*)[LANES])(hs + g.chunk * g.N * LANES);
     float (*dtxc)[LANES] = dtc + g.chunk, (*dspc)[LANES] = dtxc + g.chunk;
 #define STEP_STATES(base, i) ((float (*)[LANES])((base) + (i) * g.N * LANES))
     float h0[MAX_STATE][LANES], a[MAX_STATE][LANES], a2[MAX_STATE][LANES], G[MAX_STATE][LANES];
@@ -517,19 +518,21 @@ int vim2_scan_bwd(const int64_t *shape,
       for (int64_t s = s0; s < s1; s++, cursor_move(&g, 1, &t1, &t2)) {
         const float *dt = dtc[s - s0], *dtx = dtxc[s - s0];
         float (*prev)[LANES] = s == s0 ? h0 : STEP_STATES(hs, s - s0 - 1);
-        float (*hk)[LANES] = STEP_STATES(hs, s - s0), (*ek)[LANES] = STEP_STATES(decays, s - s0);
+        float (*hk)[LANES] = STEP_STATES(hs, s - s0);
         if (tl.shared) {
           const int64_t ob = bb[0] + t1 * sB[P_1] + t2 * sB[P_2];
           for (int64_t n = 0; n < g.N; n++) {
             const float bn = Bm[ob + n * sB[P_N]];
-            decay_lanes(dt, a2[n], ek[n]);
-            for (int j = 0; j < LANES; j++) hk[n][j] = ek[n][j] * prev[n][j] + dtx[j] * bn;
+            float e[LANES];
+            decay_lanes(dt, a2[n], e);
+            for (int j = 0; j < LANES; j++) hk[n][j] = e[j] * prev[n][j] + dtx[j] * bn;
           }
         } else {
           load_bc(&g, &tl, Bm, sB, bb, t1, t2, bv);
           for (int64_t n = 0; n < g.N; n++) {
-            decay_lanes(dt, a2[n], ek[n]);
-            for (int j = 0; j < LANES; j++) hk[n][j] = ek[n][j] * prev[n][j] + dtx[j] * bv[n][j];
+            float e[LANES];
+            decay_lanes(dt, a2[n], e);
+            for (int j = 0; j < LANES; j++) hk[n][j] = e[j] * prev[n][j] + dtx[j] * bv[n][j];
           }
         }
       }
@@ -541,7 +544,7 @@ int vim2_scan_bwd(const int64_t *shape,
         const float *dt = dtc[s - s0];
         load_bc(&g, &tl, Cm, sC, bc, t1, t2, cv);  /* (also for the dz recompute below) */
         if (!tl.shared) load_bc(&g, &tl, Bm, sB, bb, t1, t2, bv);
-        float (*h)[LANES] = STEP_STATES(hs, s - s0), (*ek)[LANES] = STEP_STATES(decays, s - s0);
+        float (*h)[LANES] = STEP_STATES(hs, s - s0);
         float (*prev)[LANES] = s == s0 ? h0 : STEP_STATES(hs, s - s0 - 1);
         load_lanes(u, bu, seq_step(su, t1, t2), su[Q_D], tl.same_batch, x);
         load_lanes(dout, bdo, seq_step(sdo, t1, t2), sdo[Q_D], tl.same_batch, gy);
@@ -571,11 +574,13 @@ int vim2_scan_bwd(const int64_t *shape,
         float gb2[2][LANES] = {{0.0f}}, qa2[2][LANES] = {{0.0f}};
         float dBs[MAX_STATE][LANES], dCs[MAX_STATE][LANES];  /* per-lane dB/dC of this step */
         for (int64_t n = 0; n < g.N; n++) {
+          float e[LANES];  /* the decay of step t (bitwise the recompute's) */
+          decay_lanes(dt, a2[n], e);
           if (tl.shared) {
             const float bn = Bm[bb[0] + n * sB[P_N] + t1 * sB[P_1] + t2 * sB[P_2]];
             const float cn = Cm[bc[0] + n * sC[P_N] + t1 * sC[P_1] + t2 * sC[P_2]];
             for (int j = 0; j < LANES; j++) {
-              float Gn = G[n][j] + gy[j] * cn, carry = Gn * ek[n][j], q = carry * prev[n][j];
+              float Gn = G[n][j] + gy[j] * cn, carry = Gn * e[j], q = carry * prev[n][j];
               dCs[n][j] = gy[j] * h[n][j];
               dBs[n][j] = Gn * dtx[j];
               gb2[n & 1][j] += Gn * bn;
@@ -585,7 +590,7 @@ int vim2_scan_bwd(const int64_t *shape,
             }
           } else {
             for (int j = 0; j < LANES; j++) {
-              float Gn = G[n][j] + gy[j] * cv[n][j], carry = Gn * ek[n][j], q = carry * prev[n][j];
+              float Gn = G[n][j] + gy[j] * cv[n][j], carry = Gn * e[j], q = carry * prev[n][j];
               dCs[n][j] = gy[j] * h[n][j];
               dBs[n][j] = Gn * dtx[j];
               gb2[n & 1][j] += Gn * bv[n][j];
