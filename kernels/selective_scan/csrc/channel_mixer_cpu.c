@@ -81,10 +81,11 @@ static inline void conv_step(const ChannelParams *p, int r, int64_t s, int64_t E
 }
 
 /* One direction over the tile. xs/dts (E x LANES) receive every step's SiLU(conv) and step size; if
- * hs/decays/vdts/pres are given, the states, decays, softplus inputs and conv outputs are recorded too. */
+ * hs/vdts/pres are given, the states, softplus inputs and conv outputs are recorded too (not the decays:
+ * backward computes them again, cheaper than reading them back, as in selective_scan_cpu.c). */
 static void cm_direction(const ChannelParams *p, int r, int64_t E, int64_t N, int64_t K,
                          float (*vbuf)[LANES], float (*ybuf)[LANES], int accumulate,
-                         float *hs, float *decays, float (*xs)[LANES], float (*dts)[LANES],
+                         float *hs, float (*xs)[LANES], float (*dts)[LANES],
                          float (*vdts)[LANES], float (*pres)[LANES]) {
   float h[CM_MAX_STATE][LANES], a2[CM_MAX_STATE];
   for (int64_t n = 0; n < N; n++) {
@@ -125,7 +126,6 @@ static void cm_direction(const ChannelParams *p, int r, int64_t E, int64_t N, in
       const float bw = p->B_w[r * N + n], bb = p->B_b[(r * N + n) * E + c];
       const float cw = p->C_w[r * N + n], cb = p->C_b[(r * N + n) * E + c];
       float *hrec = hs ? hs + (s * N + n) * LANES : NULL;
-      float *erec = decays ? decays + (s * N + n) * LANES : NULL;
       float e[LANES];
       for (int j = 0; j < LANES; j++) e[j] = dt[j] * a2[n];
       exp2_lanes(e, e);
@@ -135,10 +135,7 @@ static void cm_direction(const ChannelParams *p, int r, int64_t E, int64_t N, in
         y[j] += hn * (x[j] * cw + cb);
       }
       if (hrec)
-        for (int j = 0; j < LANES; j++) {
-          hrec[j] = h[n][j];
-          erec[j] = e[j];
-        }
+        for (int j = 0; j < LANES; j++) hrec[j] = h[n][j];
     }
     if (accumulate)
       for (int j = 0; j < LANES; j++) ybuf[c][j] += y[j];
@@ -172,8 +169,8 @@ int vim2_channel_mixer_fwd(const int64_t *shape, const float *v, int64_t sv_t, i
       if (!vbuf) continue;
       const int64_t t0 = tile * LANES;
       load_tile(v, sv_t, sv_e, t0, T, E, vbuf);
-      cm_direction(&p, 0, E, N, K, vbuf, ybuf, 0, NULL, NULL, xs, dts, NULL, NULL);
-      cm_direction(&p, 1, E, N, K, vbuf, ybuf, 1, NULL, NULL, xs, dts, NULL, NULL);
+      cm_direction(&p, 0, E, N, K, vbuf, ybuf, 0, NULL, xs, dts, NULL, NULL);
+      cm_direction(&p, 1, E, N, K, vbuf, ybuf, 1, NULL, xs, dts, NULL, NULL);
       if (z) {
         load_tile(z, sz_t, sz_e, t0, T, E, zbuf);
         for (int64_t c = 0; c < E; c++)
@@ -207,15 +204,15 @@ int vim2_channel_mixer_bwd(const int64_t *shape, const float *v, int64_t sv_t, i
     ChannelGrads gr = {g_conv_w + thread * 2 * K, g_conv_b + thread * 2, g_delta_w + thread * 2,
                        g_delta_b + thread * 2 * E, g_B_w + thread * 2 * N, g_B_b + thread * 2 * N * E,
                        g_C_w + thread * 2 * N, g_C_b + thread * 2 * N * E, g_A + thread * 2 * N, g_D + thread * 2};
-    /* per-thread scratch: v, y, z, gy, dv tiles (5 E), per-step records x, dt, vdt, pre (4 E), states and
-       decays (2 E N) -- all times LANES floats */
-    float *scratch = malloc(sizeof(float) * (size_t)((9 * E + 2 * E * N) * LANES));
+    /* per-thread scratch: v, y, z, gy, dv tiles (5 E), per-step records x, dt, vdt, pre (4 E), states
+       (E N) -- all times LANES floats */
+    float *scratch = malloc(sizeof(float) * (size_t)((9 * E + E * N) * LANES));
     if (!scratch) failed = 1;
     float (*vbuf)[LANES] = (float (*)[LANES])scratch;
     float (*ybuf)[LANES] = vbuf + E, (*zbuf)[LANES] = ybuf + E, (*gybuf)[LANES] = zbuf + E;
     float (*dvbuf)[LANES] = gybuf + E, (*xs)[LANES] = dvbuf + E, (*dts)[LANES] = xs + E;
     float (*vdts)[LANES] = dts + E, (*pres)[LANES] = vdts + E;
-    float *hs = (float *)(pres + E), *decays = hs + E * N * LANES;
+    float *hs = (float *)(pres + E);
 #pragma omp for schedule(static)  /* reproducible per-thread gradient partials (see selective_scan_cpu.c) */
     for (int64_t tile = 0; tile < n_tiles; tile++) {
       if (!scratch) continue;
@@ -235,12 +232,14 @@ int vim2_channel_mixer_bwd(const int64_t *shape, const float *v, int64_t sv_t, i
         for (int64_t c = 0; c < E; c++)
           for (int j = 0; j < LANES; j++) gybuf[c][j] *= silu_f(zbuf[c][j]);
       for (int r = 0; r < 2; r++) {
-        cm_direction(&p, r, E, N, K, vbuf, ybuf, 1, hs, decays, xs, dts, vdts, pres);
+        cm_direction(&p, r, E, N, K, vbuf, ybuf, 1, hs, xs, dts, vdts, pres);
         float G[CM_MAX_STATE][LANES], a[CM_MAX_STATE], bw[CM_MAX_STATE], cw[CM_MAX_STATE];
         float gBw[CM_MAX_STATE][LANES], gCw[CM_MAX_STATE][LANES], gA[CM_MAX_STATE][LANES];
         float gD[LANES], gdw[LANES], gcb[LANES], gcw[CM_MAX_CONV][LANES];
+        float a2[CM_MAX_STATE];
         for (int64_t n = 0; n < N; n++) {
           a[n] = A[r * N + n];
+          a2[n] = a[n] * LOG2E_F;  /* as in cm_direction: the same decays, bit for bit */
           bw[n] = B_w[r * N + n];
           cw[n] = C_w[r * N + n];
           for (int j = 0; j < LANES; j++) G[n][j] = gBw[n][j] = gCw[n][j] = gA[n][j] = 0.0f;
@@ -252,32 +251,54 @@ int vim2_channel_mixer_bwd(const int64_t *shape, const float *v, int64_t sv_t, i
         for (int64_t s = E - 1; s >= 0; s--) {
           const int64_t c = cm_pos(r, s, E);
           float *x = xs[s], *dt = dts[s], *gy = gybuf[c];
-          float dx[LANES], ddt[LANES];
+          float dx[LANES], ddt[LANES], dtx[LANES];
           for (int j = 0; j < LANES; j++) {
             dx[j] = dskip * gy[j];
             gD[j] += gy[j] * x[j];
-            ddt[j] = 0.0f;
+            dtx[j] = dt[j] * x[j];
           }
+          /* Per state n, with Gn = dL/dh = gy C_n + (carry in G), q = Gn e h_prev: dC_b = gy h,
+             dB_b = Gn dt x (their lane sums), C_w/B_w gradients x times those, dA += q dt, G <- Gn e; and
+             over n, with dt and x factored out: dx += gy sum(h C_w) + dt x sum(Gn B_w) + dt sum(Gn B_n),
+             ddt = x sum(Gn B_n) + sum(A q). Four sums over n, each split into two interleaved partials. */
+          float hc2[2][LANES] = {{0.0f}}, gbw2[2][LANES] = {{0.0f}}, gb2[2][LANES] = {{0.0f}},
+                qa2[2][LANES] = {{0.0f}};
+          float dCs[CM_MAX_STATE][LANES], dBs[CM_MAX_STATE][LANES];
           for (int64_t n = 0; n < N; n++) {
-            float dC[LANES], dB[LANES];
             const float bb = B_b[(r * N + n) * E + c], cb = C_b[(r * N + n) * E + c];
-            const float *h = hs + (s * N + n) * LANES, *e = decays + (s * N + n) * LANES;
+            const float *h = hs + (s * N + n) * LANES;
             const float *hp = s > 0 ? hs + ((s - 1) * N + n) * LANES : NULL;
+            float e[LANES];  /* the decay of this step, bitwise the forward's */
+            for (int j = 0; j < LANES; j++) e[j] = dt[j] * a2[n];
+            exp2_lanes(e, e);
             for (int j = 0; j < LANES; j++) {
               float Bn = x[j] * bw[n] + bb, Cn = x[j] * cw[n] + cb;
               float hprev = hp ? hp[j] : 0.0f;
-              float Gn = G[n][j] + gy[j] * Cn;
-              dC[j] = gy[j] * h[j];
-              dB[j] = Gn * dt[j] * x[j];
-              gCw[n][j] += dC[j] * x[j];
-              gBw[n][j] += dB[j] * x[j];
-              dx[j] += dC[j] * cw[n] + dB[j] * bw[n] + Gn * dt[j] * Bn;
-              ddt[j] += Gn * (Bn * x[j] + a[n] * e[j] * hprev);
-              gA[n][j] += Gn * dt[j] * e[j] * hprev;
-              G[n][j] = Gn * e[j];
+              float Gn = G[n][j] + gy[j] * Cn, carry = Gn * e[j], q = carry * hprev;
+              float dC = gy[j] * h[j], dB = Gn * dtx[j];
+              dCs[n][j] = dC;
+              dBs[n][j] = dB;
+              gCw[n][j] += dC * x[j];
+              gBw[n][j] += dB * x[j];
+              hc2[n & 1][j] += h[j] * cw[n];
+              gbw2[n & 1][j] += Gn * bw[n];
+              gb2[n & 1][j] += Gn * Bn;
+              qa2[n & 1][j] += a[n] * q;
+              gA[n][j] += q * dt[j];
+              G[n][j] = carry;
             }
-            gr.C_b[(r * N + n) * E + c] += lane_sum(dC);
-            gr.B_b[(r * N + n) * E + c] += lane_sum(dB);
+          }
+          float sc[CM_MAX_STATE], sb[CM_MAX_STATE];
+          lane_sums((const float (*)[LANES])dCs, N, sc);
+          lane_sums((const float (*)[LANES])dBs, N, sb);
+          for (int64_t n = 0; n < N; n++) {
+            gr.C_b[(r * N + n) * E + c] += sc[n];
+            gr.B_b[(r * N + n) * E + c] += sb[n];
+          }
+          for (int j = 0; j < LANES; j++) {
+            float gb = gb2[0][j] + gb2[1][j];
+            dx[j] += gy[j] * (hc2[0][j] + hc2[1][j]) + dtx[j] * (gbw2[0][j] + gbw2[1][j]) + dt[j] * gb;
+            ddt[j] = x[j] * gb + (qa2[0][j] + qa2[1][j]);
           }
           float dvdt[LANES], dpre[LANES];
           for (int j = 0; j < LANES; j++) {

@@ -542,7 +542,7 @@ int vim2_scan_bwd(const int64_t *shape,
         const int64_t t = t1 * g.L2 + t2;
         float x[LANES], gy[LANES], ddt[LANES], dx[LANES];
         const float *dt = dtc[s - s0];
-        load_bc(&g, &tl, Cm, sC, bc, t1, t2, cv);  /* (also for the dz recompute below) */
+        if (!tl.shared || z) load_bc(&g, &tl, Cm, sC, bc, t1, t2, cv);  /* per-lane C, or the dz recompute's */
         if (!tl.shared) load_bc(&g, &tl, Bm, sB, bb, t1, t2, bv);
         float (*h)[LANES] = STEP_STATES(hs, s - s0);
         float (*prev)[LANES] = s == s0 ? h0 : STEP_STATES(hs, s - s0 - 1);
