@@ -21,6 +21,14 @@ vision-Mamba papers compared against; the summary then compares ViM2-T with both
 
 Outputs (``--out-dir``): ``bench.csv``, ``bench.md`` (tables + scaling summary), ``bench.png``.
 
+``--paired ROUNDS`` adds time ratios that a drifting machine cannot skew: for each (size, mode) one
+more worker builds every model and calls them in turn, ``ROUNDS`` rounds (order rotated each round),
+and each peer's time is divided by ViM2-T's (else the first model's) time *of the same round*; the
+median and range of those paired ratios go into ``paired.csv`` and the summary (times only: models
+sharing a process share its memory). Why: on this project's shared cloud machine the speed of the
+whole machine moved by 20% between two runs a day apart (DeiT-S 4.3 s, then 5.5 s) and by 10-20%
+between the workers of one run, as much as the differences being measured.
+
     python tools/bench_models.py --device cpu --batch-size 1 --repeats 2 --threads 2
 """
 from __future__ import annotations
@@ -31,6 +39,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -155,22 +164,7 @@ def run_worker(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
                 else torch.autocast(device.type, enabled=False))
     rows = []
     for mode in spec["modes"]:
-        if mode == "infer":
-            model.eval()
-
-            def step():
-                with torch.inference_mode(), autocast:
-                    model(x)
-        else:
-            model.train()
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-            def step():
-                with autocast:
-                    loss = torch.nn.functional.cross_entropy(model(x), y)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+        step = _make_step(model, mode, x, y, autocast)
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
@@ -193,9 +187,99 @@ def run_worker(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
                          images_per_s=round(spec["batch_size"] / seconds, 3), peak_mem_mb=round(peak_mb, 1),
                          params_m=round(params_m, 2), notes=notes))
         if mode == "train":
-            del optimizer
+            del step
             model.zero_grad(set_to_none=True)
     return rows
+
+
+def _make_step(model, mode: str, x, y, autocast):
+    """One inference call (``mode='infer'``) or one training step with its own AdamW, as a closure."""
+    import torch
+
+    if mode == "infer":
+        model.eval()
+
+        def step():
+            with torch.inference_mode(), autocast:
+                model(x)
+        return step
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        with autocast:
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def run_paired_worker(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Every model of ``spec["models"]`` in one process, called in turn for ``spec["rounds"]`` rounds
+    (after one untimed call each); returns one row per model with its per-round times in ms."""
+    import torch
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if spec["amp"] == "bf16"
+                else torch.autocast(device.type, enabled=False))
+    x = torch.randn(spec["batch_size"], 3, spec["size"], spec["size"], device=device)
+    steps, rows = {}, []
+    base = dict(img_size=spec["size"], mode=spec["mode"], batch_size=spec["batch_size"], device=spec["device"])
+    for name in spec["models"]:
+        try:
+            model, _ = _build(name, spec["size"])
+            model.to(device)
+            y = torch.randint(0, model.num_classes, (spec["batch_size"],), device=device)
+            steps[name] = _make_step(model, spec["mode"], x, y, autocast)
+            steps[name]()  # untimed: one-off costs (allocations, kernel compilation)
+            sync()
+        except Exception as exc:
+            rows.append(dict(base, model=name, status="n/a", notes=f"{type(exc).__name__}: {exc}"[:300]))
+            steps.pop(name, None)
+    times: Dict[str, List[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for round_index in range(spec["rounds"]):
+        shift = round_index % max(len(names), 1)
+        for name in names[shift:] + names[:shift]:  # rotated: no model always runs right after another
+            start = time.perf_counter()
+            steps[name]()
+            sync()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    rows += [dict(base, model=name, status="ok", times_ms=t) for name, t in times.items()]
+    return rows
+
+
+def paired_ratios(rows: List[Dict[str, Any]], focus: str = "vim2_tiny") -> List[Dict[str, Any]]:
+    """Per peer: its time over ``focus``'s time of the same round (> 1: ``focus`` is faster), median and
+    range over the rounds, from the rows of :func:`run_paired_worker` (one size and mode)."""
+    ok = {r["model"]: r["times_ms"] for r in rows if r.get("status") == "ok"}
+    if focus not in ok:
+        return []
+    out = []
+    for name, peer_times in ok.items():
+        if name == focus:
+            continue
+        ratios = sorted(p / f for p, f in zip(peer_times, ok[focus]))
+        first = rows[0]
+        out.append(dict(model=name, focus=focus, img_size=first["img_size"], mode=first["mode"],
+                        rounds=len(ratios), focus_median_ms=round(statistics.median(ok[focus]), 1),
+                        peer_median_ms=round(statistics.median(peer_times), 1),
+                        ratio_median=round(statistics.median(ratios), 3), ratio_min=round(ratios[0], 3),
+                        ratio_max=round(ratios[-1], 3)))
+    return out
+
+
+def describe_paired(r: Dict[str, Any]) -> str:
+    focus, peer, ratio = LABELS.get(r["focus"], r["focus"]), LABELS.get(r["model"], r["model"]), r["ratio_median"]
+    verdict = f"faster (x{ratio:.2f})" if ratio > 1 else f"slower (x{1 / ratio:.2f})"
+    return (f"- paired, {r['mode']} at {r['img_size']}x{r['img_size']}: {focus} is {verdict} than {peer}, median "
+            f"of {r['rounds']} rounds interleaved in one process (per-round time ratio {peer}/{focus} "
+            f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}; medians {r['focus_median_ms']:.0f} vs "
+            f"{r['peer_median_ms']:.0f} ms)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -382,8 +466,9 @@ def measure_in_subprocess(spec: Dict[str, Any], timeout: float, env: Optional[Di
                           ) -> List[Dict[str, Any]]:
     """Run :func:`run_worker` for ``spec`` in a fresh Python process; failures become ``n/a`` rows."""
     def failed(reason: str) -> List[Dict[str, Any]]:
-        return [dict(model=spec["model"], img_size=spec["size"], mode=m, batch_size=spec["batch_size"],
-                     device=spec["device"], status="n/a", notes=reason[:300]) for m in spec["modes"]]
+        return [dict(model=name, img_size=spec["size"], mode=m, batch_size=spec["batch_size"],
+                     device=spec["device"], status="n/a", notes=reason[:300])
+                for name in spec.get("models", [spec.get("model")]) for m in spec["modes"]]
 
     try:
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
@@ -420,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--live-code", action="store_true",
                         help="workers import the working tree as it is at each measurement instead of a "
                              "snapshot of the committed code taken at the start")
+    parser.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
+                        help="also time all models interleaved in one process for this many rounds per "
+                             "(size, mode), and report each peer's time over ViM2-T's of the same round")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -427,10 +515,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker:
-        print("BENCH_ROWS " + json.dumps(run_worker(json.loads(args.worker))), flush=True)
+        spec = json.loads(args.worker)
+        rows = run_paired_worker(spec) if "rounds" in spec else run_worker(spec)
+        print("BENCH_ROWS " + json.dumps(rows), flush=True)
         return 0
-    if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0:
-        raise SystemExit("--batch-size and --repeats must be >= 1, --warmup >= 0")
+    if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0 or args.paired < 0:
+        raise SystemExit("--batch-size and --repeats must be >= 1, --warmup and --paired >= 0")
     import torch
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -472,12 +562,31 @@ def main(argv: Optional[List[str]] = None) -> int:
                     writer = csv.DictWriter(handle, fieldnames=FIELDS, extrasaction="ignore")
                     writer.writeheader()
                     writer.writerows(rows)
+    paired: List[Dict[str, Any]] = []
+    focus = "vim2_tiny" if "vim2_tiny" in args.models else args.models[0]  # the model the ratios divide by
+    for size in args.sizes if args.paired else []:
+        for mode in args.modes:
+            spec = dict(models=args.models, size=size, batch_size=args.batch_size, device=args.device,
+                        threads=args.threads, rounds=args.paired, modes=[mode], mode=mode, amp=args.amp)
+            t0 = time.perf_counter()
+            worker_rows = measure_in_subprocess(spec, args.worker_timeout * len(args.models), worker_env)
+            for r in worker_rows:
+                if r["status"] != "ok":
+                    print(f"bench: paired {r['model']:30s} {size:5d} {mode:5s} n/a: {r.get('notes', '')}", flush=True)
+            for r in paired_ratios(worker_rows, focus):
+                paired.append(r)
+                print(f"bench: {describe_paired(r)[2:]} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    if paired:
+        with (out_dir / "paired.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(paired[0]))
+            writer.writeheader()
+            writer.writerows(paired)
     total = time.perf_counter() - start
     header = (f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {machine}; device {args.device}, batch "
               f"{args.batch_size}, threads {args.threads or 'default'}, amp {args.amp}, median of {args.repeats} "
               f"after {args.warmup} warm-up (after a first call over {args.long_step:.0f}s one further call is the measurement); "
               f"whole run {total / 60:.1f} min.")
-    summary = summarise(rows)
+    summary = summarise(rows) + [describe_paired(r) for r in paired]
     write_markdown(rows, out_dir / "bench.md", header, summary)
     if not any(r.get("status") == "ok" for r in rows):
         print(f"bench: no measurement succeeded (errors above); wrote {out_dir / 'bench.csv'}, {out_dir / 'bench.md'}")

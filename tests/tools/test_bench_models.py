@@ -30,6 +30,31 @@ def test_measures_and_writes_csv_markdown_and_plot(tmp_path):
     assert (tmp_path / "bench.png").stat().st_size > 0
 
 
+def test_paired_rounds_interleave_models_and_report_ratios(tmp_path):
+    proc = run(tmp_path, "--models", "test_vim2", "test_convnext", "no_such_model_xyz", "--modes", "infer",
+               "--paired", "3")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = list(csv.DictReader(open(tmp_path / "paired.csv")))
+    assert [(r["model"], r["focus"], r["rounds"]) for r in rows] == [("test_convnext", "test_vim2", "3")]
+    r = rows[0]
+    assert float(r["ratio_min"]) <= float(r["ratio_median"]) <= float(r["ratio_max"])
+    assert "paired, infer at 64x64" in (tmp_path / "bench.md").read_text()
+    assert "paired no_such_model_xyz" in proc.stdout  # a peer that cannot be built is named, not fatal
+
+
+def test_paired_ratios_divide_within_each_round():
+    bench = _bench_module()
+    rows = [dict(model="vim2_tiny", status="ok", img_size=1024, mode="infer", times_ms=[10.0, 20.0, 40.0]),
+            dict(model="deit_small_patch16_224", status="ok", img_size=1024, mode="infer",
+                 times_ms=[11.0, 30.0, 40.0]),
+            dict(model="resnet50", status="n/a", img_size=1024, mode="infer")]
+    (r,) = bench.paired_ratios(rows)
+    # per round 1.1, 1.5, 1.0: the median of the paired ratios, not the ratio of medians (30 / 20)
+    assert (r["model"], r["ratio_median"], r["ratio_min"], r["ratio_max"]) == ("deit_small_patch16_224", 1.1, 1.0, 1.5)
+    assert "ViM2-T is faster (x1.10) than DeiT-S" in bench.describe_paired(r)
+    assert bench.paired_ratios(rows[1:]) == []  # no focus model measured: nothing to pair
+
+
 def test_says_so_when_nothing_was_measured(tmp_path):
     proc = run(tmp_path, "--models", "no_such_model_xyz", "--modes", "infer")
     assert proc.returncode == 1

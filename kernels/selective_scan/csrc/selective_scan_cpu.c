@@ -447,7 +447,8 @@ int vim2_scan_bwd(const int64_t *shape,
     /* heap: the chunk's states, chunk * N * LANES floats, packed by the real N (with MAX_STATE rows per
        step, 3/4 of every 8 KB step would be unused at N = 16: 4x the pages and L2); the rest is
        fixed-size so that the compiler knows nothing aliases. The decays are not stored: the reverse walk
-       recomputes them (7 vector operations per 16) rather than reading them back from L2 (1.1x faster). */
+       recomputes them (8 vector operations per 16) rather than reading them back from L2: the backward is
+       bound by that traffic more than by arithmetic (forward+backward 1.2x faster, docs/kernels.md). */
     float *scratch = malloc(sizeof(float) * (size_t)((g.N + 3) * g.chunk * LANES));
     if (!scratch) { failed = 1; continue; }
     float *hs = scratch;
@@ -567,9 +568,9 @@ int vim2_scan_bwd(const int64_t *shape,
         }
         /* Per state n, with Gn = dL/dh_t = gy C_t + (carry in G) and q = Gn e_t h_{t-1}:
            dC_t[n] = sum over lanes of gy h_t, dB_t[n] of Gn dt x, dA += q dt, G <- Gn e_t (carry to t-1), and
-           over n: ddt = x sum(Gn B) + sum(A q), dx = dt sum(Gn B) (+ D gy). Factoring dt and x out of the sums
-           over n leaves 8 vector operations per state and lane vector (there were 15). The two sums over n
-           are split into interleaved partials (one running sum would be a serial chain). */
+           over n: ddt = x sum(Gn B) + sum(A q), dx = dt sum(Gn B) (+ D gy). Factoring dt and x out of the
+           sums over n leaves 8 vector operations per state and lane vector besides the decay (there were 15).
+           The two sums over n are split into interleaved partials (one running sum would be a serial chain). */
         const float *dtx = dtxc[s - s0];
         float gb2[2][LANES] = {{0.0f}}, qa2[2][LANES] = {{0.0f}};
         float dBs[MAX_STATE][LANES], dCs[MAX_STATE][LANES];  /* per-lane dB/dC of this step */
