@@ -131,6 +131,7 @@ class _Library:
     def __init__(self, lib: ctypes.CDLL, path: Path, compiler: str, flags: List[str]):
         self.lib = lib
         self.path = path
+        self.flags = list(flags)  # the optional flags of _FLAG_SETS it was built with (after _BASE_FLAGS)
         self.description = f"{compiler} {' '.join(flags) or '(no optional flags)'}"
         self.openmp = "-fopenmp" in flags
         for fn in (lib.vim2_scan_fwd, lib.vim2_scan_bwd, lib.vim2_channel_mixer_fwd, lib.vim2_channel_mixer_bwd):
@@ -175,7 +176,9 @@ def _library_suffix() -> str:
     return {"Windows": ".dll", "Darwin": ".dylib"}.get(platform.system(), ".so")
 
 
-def _compile(compiler: str, flags: List[str], target: Path) -> Optional[str]:
+def _compile(compiler: str, flags: List[str], target: Path, csrc: Path = _CSRC) -> Optional[str]:
+    """Builds the library from the sources in ``csrc`` (default: this package's; tools/ab_cpu_kernels.py
+    builds another revision's); None, or the compiler's complaint."""
     _log.info("vim2_kernels: compiling the CPU kernels into %s (once per machine, ~10 s)", target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -185,7 +188,8 @@ def _compile(compiler: str, flags: List[str], target: Path) -> Optional[str]:
     except OSError as exc:
         return str(exc)
     try:
-        result = subprocess.run([compiler, *flags, f"-I{_CSRC}", *map(str, _SOURCES), "-o", tmp, "-lm"],
+        sources = [str(csrc / path.name) for path in _SOURCES]
+        result = subprocess.run([compiler, *flags, f"-I{csrc}", *sources, "-o", tmp, "-lm"],
                                 capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             return (result.stderr or result.stdout).strip()[-500:] or f"exit status {result.returncode}"
