@@ -34,6 +34,7 @@
 #define MAX_DT_RANK 64  /* largest rank of a low-rank step-size input (forward); checked by cpu_backend.py */
 
 #define PREFETCH_AHEAD 8
+#define WALK_PREFETCH 4  /* backward's reverse walk: steps ahead (4 and 8 measured alike) */
 #define STEP_BLOCK 16  /* forward: steps whose element-wise prologue runs ahead of their recurrence */
 #define TILE_GROUP 8   /* forward: tiles walked together through each block of steps */
 #if defined(__GNUC__) || defined(__clang__)
@@ -539,7 +540,19 @@ int vim2_scan_bwd(const int64_t *shape,
       }
       /* walk the chunk backwards */
       cursor_set(&g, s1 - 1, &t1, &t2);
+      /* the walk reads u and dout and writes du and ddelta of step s - WALK_PREFETCH soon: fetched now
+         (the prologue's prefetches are long evicted by then; measured: forward+backward 1.13x on a
+         row-major route, 1.03-1.1x on column-major ones, results unchanged) */
+      int64_t q1, q2;
+      cursor_set(&g, s1 - 1 - WALK_PREFETCH >= s0 ? s1 - 1 - WALK_PREFETCH : s0, &q1, &q2);
       for (int64_t s = s1 - 1; s >= s0; s--, cursor_move(&g, -1, &t1, &t2)) {
+        if (s - WALK_PREFETCH >= s0) {
+          prefetch_lanes(u, su, bu[0], q1, q2);
+          prefetch_lanes(dout, sdo, bdo[0], q1, q2);
+          prefetch_lanes(du, sdu, bdu[0], q1, q2);
+          prefetch_lanes(ddelta, sddl, bdd[0], q1, q2);
+          cursor_move(&g, -1, &q1, &q2);
+        }
         const int64_t t = t1 * g.L2 + t2;
         float x[LANES], gy[LANES], ddt[LANES], dx[LANES];
         const float *dt = dtc[s - s0];
