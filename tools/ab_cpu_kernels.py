@@ -67,6 +67,7 @@ def build_revision(rev: str, workdir: Path):
 
 def make_op(op: str, batch: int, dim: int, steps: int, d_state: int) -> Callable[[], Tuple[torch.Tensor, ...]]:
     """A closure running ``op`` once on fixed random inputs; returns the output (and gradients)."""
+    from bench_scan import make_inputs  # the scan benchmark's inputs (tools/ is on sys.path when run as a script)
     from vim2_kernels import channel_mixer_scan, selective_scan_fn
 
     g = torch.Generator().manual_seed(0)
@@ -82,11 +83,12 @@ def make_op(op: str, batch: int, dim: int, steps: int, d_state: int) -> Callable
             out = channel_mixer_scan(*leaves, backend="cpu")
             return (out.detach(), *torch.autograd.grad(out, leaves, dout))
         return run
-    # token-major (batch, L, dim) storage seen as (batch, dim, L), as ViM2's token mixer passes it
-    u, delta, dout = (r(batch, steps, dim).transpose(1, 2) for _ in range(3))
-    delta = delta * 0.5 - 1.0
-    A = -torch.exp(0.5 * r(dim, d_state))
-    B, C, D, bias = r(batch, d_state, steps), r(batch, d_state, steps), r(dim), r(dim)
+    # bench_scan's inputs, with u, Δ and dout stored token-major ((batch, L, dim) seen as (batch, dim, L))
+    # as ViM2's token mixer passes them
+    token_major = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731
+    x = make_inputs(batch, dim, steps, d_state)
+    u, delta, dout = token_major(x["u"]), token_major(x["delta"]), token_major(r(batch, dim, steps))
+    A, B, C, D, bias = x["A"], x["B"], x["C"], x["D"], x["delta_bias"]
     leaves = (u, delta, A, B, C, D)
     if op == "scan_fwd":
         def run():

@@ -136,15 +136,25 @@ def _time(fn, warmup: int, repeats: int, sync, long_step: float) -> Tuple[float,
     return times[len(times) // 2], len(times)
 
 
-def run_worker(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """Measure one (model, size) for every requested mode; returns CSV rows."""
+def _worker_setup(spec: Dict[str, Any]):
+    """A worker's thread count, then its (device, sync, autocast) from ``spec``."""
     import torch
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if spec["amp"] == "bf16"
+                else torch.autocast(device.type, enabled=False))
+    return device, sync, autocast
+
+
+def run_worker(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Measure one (model, size) for every requested mode; returns CSV rows."""
+    import torch
+
+    device, sync, autocast = _worker_setup(spec)
     cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     base = dict(model=spec["model"], img_size=spec["size"], batch_size=spec["batch_size"], device=spec["device"],
                 threads=torch.get_num_threads(), repeats=spec["repeats"])
     import timm  # noqa: F401  imported (and torch's CPU kernels touched) before the memory baseline
@@ -160,8 +170,6 @@ def run_worker(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
     x = torch.randn(spec["batch_size"], 3, spec["size"], spec["size"], device=device)
     y = torch.randint(0, model.num_classes, (spec["batch_size"],), device=device)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if spec["amp"] == "bf16"
-                else torch.autocast(device.type, enabled=False))
     rows = []
     for mode in spec["modes"]:
         step = _make_step(model, mode, x, y, autocast)
@@ -217,24 +225,21 @@ def _make_step(model, mode: str, x, y, autocast):
 
 def run_paired_worker(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Every model of ``spec["models"]`` in one process, called in turn for ``spec["rounds"]`` rounds
-    (after one untimed call each); returns one row per model with its per-round times in ms."""
+    (after one untimed call each) in the one mode of ``spec["modes"]``; returns one row per model with
+    its per-round times in ms."""
     import torch
 
-    if spec["threads"]:
-        torch.set_num_threads(spec["threads"])
-    device = torch.device(spec["device"])
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if spec["amp"] == "bf16"
-                else torch.autocast(device.type, enabled=False))
+    device, sync, autocast = _worker_setup(spec)
+    (mode,) = spec["modes"]
     x = torch.randn(spec["batch_size"], 3, spec["size"], spec["size"], device=device)
     steps, rows = {}, []
-    base = dict(img_size=spec["size"], mode=spec["mode"], batch_size=spec["batch_size"], device=spec["device"])
+    base = dict(img_size=spec["size"], mode=mode, batch_size=spec["batch_size"], device=spec["device"])
     for name in spec["models"]:
         try:
             model, _ = _build(name, spec["size"])
             model.to(device)
             y = torch.randint(0, model.num_classes, (spec["batch_size"],), device=device)
-            steps[name] = _make_step(model, spec["mode"], x, y, autocast)
+            steps[name] = _make_step(model, mode, x, y, autocast)
             steps[name]()  # untimed: one-off costs (allocations, kernel compilation)
             sync()
         except Exception as exc:
@@ -259,12 +264,11 @@ def paired_ratios(rows: List[Dict[str, Any]], focus: str = "vim2_tiny") -> List[
     ok = {r["model"]: r["times_ms"] for r in rows if r.get("status") == "ok"}
     if focus not in ok:
         return []
-    out = []
+    out, first = [], rows[0]
     for name, peer_times in ok.items():
         if name == focus:
             continue
         ratios = sorted(p / f for p, f in zip(peer_times, ok[focus]))
-        first = rows[0]
         out.append(dict(model=name, focus=focus, img_size=first["img_size"], mode=first["mode"],
                         rounds=len(ratios), focus_median_ms=round(statistics.median(ok[focus]), 1),
                         peer_median_ms=round(statistics.median(peer_times), 1),
@@ -567,7 +571,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for size in args.sizes if args.paired else []:
         for mode in args.modes:
             spec = dict(models=args.models, size=size, batch_size=args.batch_size, device=args.device,
-                        threads=args.threads, rounds=args.paired, modes=[mode], mode=mode, amp=args.amp)
+                        threads=args.threads, rounds=args.paired, modes=[mode], amp=args.amp)
             t0 = time.perf_counter()
             worker_rows = measure_in_subprocess(spec, args.worker_timeout * len(args.models), worker_env)
             for r in worker_rows:
