@@ -332,3 +332,59 @@ def test_weighted_average_add_to_is_a_residual_add():
     torch.testing.assert_close(got, expected)
     with pytest.raises(ValueError, match='expected 3 earlier outputs'):
         average.add_to_(y, outputs[:2])
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct tensor storages that autograd keeps for the backward of ``fn()``'s graph
+    (every tensor packed by a saved-tensor hook; a non-reentrant checkpoint keeps only its inputs)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+@pytest.mark.parametrize('autocast', [False, True])
+def test_selective_recompute_same_results_fewer_saved_activations(autocast):
+    """The token mixer's conv SiLU and gate branch, recomputed in the backward: the same outputs and
+    gradients as when they are stored (float32 and bf16 autocast), and a smaller saved graph."""
+    import contextlib
+    import copy
+
+    torch.manual_seed(2)
+    stored = SelectiveTokenMixer(12, d_state=4, selective_recompute=False)
+    _randomize_(stored, seed=5)
+    recomputed = copy.deepcopy(stored)
+    recomputed.selective_recompute = True
+    x = torch.randn(2, 9, 7, 12)
+    grad_out = torch.randn(2, 9, 7, 12)
+    results = {}
+    for name, mixer in (('stored', stored), ('recomputed', recomputed)):
+        x_ = x.clone().requires_grad_(True)
+        context = torch.autocast('cpu', dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with context:
+            out, saved = _saved_bytes(lambda: mixer(x_))
+        grads = torch.autograd.grad(out, [x_, *mixer.parameters()], grad_out.to(out.dtype))
+        results[name] = out, grads, saved
+    (out_s, grads_s, saved_s), (out_r, grads_r, saved_r) = results['stored'], results['recomputed']
+    assert out_r.dtype == out_s.dtype
+    torch.testing.assert_close(out_r, out_s, rtol=0, atol=0)
+    for a, b in zip(grads_r, grads_s):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # stored: conv output, SiLU output, out-norm output, z, SiLU(z), the gated product (d_inner = 24
+    # channels each) besides what both keep; recomputed keeps the scan output and its inputs only
+    map_bytes = x[..., :1].numel() * 24 * (2 if autocast else 4)
+    assert saved_s - saved_r >= 3 * map_bytes, (saved_s, saved_r)
+
+
+def test_selective_recompute_is_a_model_argument():
+    import timm
+
+    assert all(m.selective_recompute for m in timm.create_model('test_vim2').modules()
+               if isinstance(m, SelectiveTokenMixer))
+    model = timm.create_model('test_vim2', selective_recompute=False)
+    assert not any(m.selective_recompute for m in model.modules() if isinstance(m, SelectiveTokenMixer))

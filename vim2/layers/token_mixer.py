@@ -12,6 +12,13 @@ Data flow for a channels-last map ``x`` of shape (B, H, W, C), with ``d_inner = 
 Every route has its own Δ/B/C projections, Δ bias, A_log and D. Because Δ, B and C are per-token
 linear maps of the activated branch, they are computed once for all routes in the natural (h, w)
 layout and the kernel walks the routes as strided views (no permuted copies here).
+
+Selective recomputation (``selective_recompute=True``, the default): when autograd records, the
+depth-wise conv + SiLU and the whole gate branch (out-norm, gate projection, SiLU, product) are
+recomputed in the backward instead of stored (``torch.utils.checkpoint``, non-reentrant). They are cheap
+per-token work whose outputs are full (B, H, W, d_inner) maps: ViM2-T keeps 37% fewer activations for
+its backward (762 -> 476 MB at 512x512), and a training step took the same time within this machine's
+noise (median ratio 0.99-1.01 over 21 interleaved rounds). The scan's own inputs stay stored.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import vim2_kernels
 
@@ -71,6 +79,8 @@ class SelectiveTokenMixer(nn.Module):
         d_conv: depth-wise conv kernel size (3 = 3x3).
         routes: scan routes handed to ``vim2_kernels.cross_scan_2d`` ('row', 'col', 'row_rev', 'col_rev').
         scan_backend: kernel backend (None = automatic choice of vim2_kernels).
+        selective_recompute: when training, recompute the conv's SiLU and the gate branch in the backward
+            instead of storing them (see the module docstring); False stores them (plain autograd).
 
     Input/output: (B, H, W, C) channels-last tensor (any float dtype; autocast supported).
     """
@@ -84,6 +94,7 @@ class SelectiveTokenMixer(nn.Module):
             d_conv: int = 3,
             routes: Sequence[str] = vim2_kernels.ROUTES,
             scan_backend: Optional[str] = None,
+            selective_recompute: bool = True,
             device=None,
             dtype=None,
     ):
@@ -104,6 +115,7 @@ class SelectiveTokenMixer(nn.Module):
         self.dt_rank = resolve_dt_rank(dt_rank, dim)
         self.routes = routes
         self.scan_backend = scan_backend
+        self.selective_recompute = selective_recompute
         num_routes = len(routes)
 
         self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False, **dd)
@@ -137,14 +149,15 @@ class SelectiveTokenMixer(nn.Module):
         batch, height, width, _ = x.shape
         num_routes = len(self.routes)
         inplace = can_overwrite(x, self.parameters())
+        recompute = self.selective_recompute and not inplace
         # in_proj as its two halves: the scan branch comes out contiguous (no copy for the conv) and
         # the gate branch is only computed (and held) after the scan
         in_weight_x, in_weight_z = self.in_proj.weight.chunk(2, dim=0)
         u = F.linear(x, in_weight_x)
-        # The NCHW view of a NHWC tensor is channels-last; the conv keeps that layout, so the
-        # permute back is (close to) free.
-        u = self.conv(u.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        u = F.silu(u, inplace=inplace)
+        if recompute:
+            u = checkpoint(self._conv_and_act, u, use_reentrant=False, preserve_rng_state=False)
+        else:
+            u = self._conv_and_act(u, inplace=inplace)
 
         # All routes' Δ/B/C projections in one matmul: (B, H, W, d_inner) -> (B, H, W, K, R + 2N).
         x_dbl = F.linear(u, self.x_proj_weight.reshape(-1, self.d_inner))
@@ -165,6 +178,9 @@ class SelectiveTokenMixer(nn.Module):
             delta_proj_weight=self.dt_proj_weight,
             backend=self.scan_backend,
         )
+        if recompute:
+            return checkpoint(self._gate_and_project, y, x, in_weight_z, use_reentrant=False,
+                              preserve_rng_state=False)
         if not inplace:
             return self._gate_and_project(y, x, in_weight_z)
         # without autograd: the scan's inputs are freed and the per-token rest runs on chunks of tokens
@@ -174,6 +190,13 @@ class SelectiveTokenMixer(nn.Module):
             y.reshape(-1, self.d_inner), x.reshape(-1, self.dim),
         )
         return out.view(batch, height, width, -1)
+
+    def _conv_and_act(self, u: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """SiLU(depth-wise conv(u)) on a (B, H, W, d_inner) map."""
+        # The NCHW view of a NHWC tensor is channels-last; the conv keeps that layout, so the
+        # permute back is (close to) free.
+        u = self.conv(u.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return F.silu(u, inplace=inplace)
 
     def _gate_and_project(self, y: torch.Tensor, x: torch.Tensor, in_weight_z: torch.Tensor,
                           inplace: bool = False) -> torch.Tensor:
@@ -185,4 +208,5 @@ class SelectiveTokenMixer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, d_inner={self.d_inner}, d_state={self.d_state}, dt_rank={self.dt_rank}, '
-                f'routes={self.routes}, scan_backend={self.scan_backend}')
+                f'routes={self.routes}, scan_backend={self.scan_backend}, '
+                f'selective_recompute={self.selective_recompute}')
