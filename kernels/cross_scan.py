@@ -113,9 +113,16 @@ def _cross_scan_lowrank_bwd_op(
     module = get_backend_module(backend)
     # float32 for every backend here: dΔ comes back in u's dtype and is projected by float32 matmuls
     dout32, u32, dts32, B32, C32 = (cpu_backend._f32(t) for t in (dout, u, dts, B, C))
-    du = torch.zeros(u.shape, dtype=torch.float32, device=u.device)
     batch, height, width, dim = u.shape
     tokens, rank = batch * height * width, dt_weight.shape[2]
+    # A backend that writes into given buffers (BACKWARD_INTO: the cpu one) adds every route's du into one
+    # map and overwrites each route's Δ with its dΔ: two full-size maps for the whole backward instead of
+    # four alive and three fresh ones per route (on a CPU every fresh multi-MB tensor is page-faulted in:
+    # 23 ms for 48 MB against 6 ms to refill a used one, measured).
+    into = getattr(module, "BACKWARD_INTO", False)
+    du = torch.empty(u.shape, dtype=torch.float32, device=u.device) if into else \
+        torch.zeros(u.shape, dtype=torch.float32, device=u.device)
+    delta_k = torch.empty(u.shape, dtype=torch.float32, device=u.device) if into else None
     ddts, dW, dA, dB, dC, dD, dbias = [], [], [], [], [], [], []
     for k, route in enumerate(routes.split(",")):
         perm, reverse = _ROUTE_LAYOUT[route]
@@ -123,14 +130,20 @@ def _cross_scan_lowrank_bwd_op(
         weight = dt_weight[k].float()  # (dim, R)
         # Δ = dts @ W^T as a 2-D mm (a 4-D torch.matmul with the transposed weight ran 3x slower at rank 6)
         dts_2d = dts32[:, :, :, k].reshape(tokens, rank)
-        delta_k = torch.mm(dts_2d, weight.t()).view(batch, height, width, dim)
+        if into:
+            torch.mm(dts_2d, weight.t(), out=delta_k.view(tokens, dim))
+        else:
+            delta_k = torch.mm(dts_2d, weight.t()).view(batch, height, width, dim)
         dout_k, u_k, delta_seq, B_k, C_k, dts_k = _route_views(route, dout32, u32, delta_k, B32, C32, dts32, k=k)
+        extra = dict(du_out=du.permute(perm), accumulate_du=k > 0, ddelta_out=delta_seq) if into else {}
         du_k, ddelta_k, dA_k, dB_k, dC_k, dD_k, _, dbias_k, _ = module.scan_backward(
             dout_k, None, u_k, delta_seq, A[k], B_k, C_k, None if D is None else D[k], None,
-            None if delta_bias is None else delta_bias[k], None, saved[k], delta_softplus, reverse,
+            None if delta_bias is None else delta_bias[k], None, saved[k], delta_softplus, reverse, **extra,
         )
-        del delta_k, delta_seq  # only one route's full-size maps are alive at a time
-        du += du_k.permute(inverse)
+        del delta_seq
+        if not into:
+            del delta_k  # only one route's full-size maps are alive at a time
+            du += du_k.permute(inverse)
         del du_k
         # Project dΔ back to rank R in whichever layout it is dense in, so that the matmuls copy no
         # full-size map: the map's (batch, H, W, dim) for the cpu backend (its outputs keep the input's

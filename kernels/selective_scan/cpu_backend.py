@@ -53,6 +53,9 @@ MAX_DT_RANK = 64  # largest rank of the fused low-rank Δ (MAX_DT_RANK in csrc/s
 # Outputs and input gradients come back in their input's layout (e.g. token-major): the fake kernels
 # of the custom ops must say so (interface.py).
 PRESERVES_LAYOUT = True
+# scan_backward takes du_out / accumulate_du / ddelta_out (ddelta_out may alias delta): the cross-scan's
+# backward reuses one du and one Δ/dΔ buffer for all routes instead of three fresh maps per route.
+BACKWARD_INTO = True
 
 _CSRC = Path(__file__).with_name("csrc")
 # One library from all sources: the generic scan and ViM2's fused channel mixer (channel_mixer_cpu.c).
@@ -356,7 +359,12 @@ def scan_forward_lowrank(out: Tensor, u: Tensor, dts: Tensor, dt_weight: Tensor,
 
 
 def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, saved,
-                  delta_softplus: bool, reverse: bool):
+                  delta_softplus: bool, reverse: bool, *, du_out: Optional[Tensor] = None,
+                  accumulate_du: bool = False, ddelta_out: Optional[Tensor] = None):
+    """The backend contract's backward, plus output buffers (this backend only, see BACKWARD_INTO):
+    ``du_out`` (float32, u's shape, any strides) receives du, or has it added when ``accumulate_du``;
+    ``ddelta_out`` (float32, delta's shape) receives dΔ and may be ``delta`` itself (the kernel reads each
+    Δ before it writes that dΔ). Without them both are fresh tensors in their input's layout."""
     lib = _library()
     batch, dim = u.shape[:2]
     groups, d_state = B.shape[1], A.shape[1]
@@ -368,8 +376,14 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initia
     threads = _threads()
 
     # gradients in their input's layout (every element is written by the kernel)
-    du = torch.empty_like(u32)
-    ddelta = torch.empty_like(delta32)
+    for name, out, like in (("du_out", du_out, u), ("ddelta_out", ddelta_out, delta)):
+        if out is not None and (out.dtype != torch.float32 or out.shape != like.shape or out.device != like.device):
+            raise ValueError(f"{name} must be a float32 tensor of shape {tuple(like.shape)} on {like.device}, "
+                             f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    if accumulate_du and du_out is None:
+        raise ValueError("accumulate_du needs du_out (the tensor to add du into)")
+    du = torch.empty_like(u32) if du_out is None else du_out
+    ddelta = torch.empty_like(delta32) if ddelta_out is None else ddelta_out
     dz = None if z is None else torch.empty_like(z32)
     dA_rows = torch.zeros((batch, dim, d_state), dtype=torch.float32)
     step_major = _bc_step_major(dim, groups)
@@ -385,7 +399,7 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initia
             dinit.copy_(dlast)
     else:
         status = lib.vim2_scan_bwd(
-            _shape_vector(u, groups, d_state, delta_softplus, reverse, threads),
+            _shape_vector(u, groups, d_state, delta_softplus, reverse, threads, accumulate=accumulate_du),
             _ptr(u32), _seq_strides(u32, 2), _ptr(delta32), _seq_strides(delta32, 2),
             _ptr(A32), _ptr(B32), _seq_strides(B32, 3), _ptr(C32), _seq_strides(C32, 3),
             _ptr(D32), _ptr(z32), _seq_strides(z32, 2), _ptr(bias32),
@@ -402,7 +416,8 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initia
         return total.view(like.shape).to(like.dtype)
 
     return (
-        du.to(u.dtype), ddelta.to(delta.dtype), dA_rows.sum(0).to(A.dtype),
+        du if du_out is not None else du.to(u.dtype),
+        ddelta if ddelta_out is not None else ddelta.to(delta.dtype), dA_rows.sum(0).to(A.dtype),
         bc_grad(dB_parts, B), bc_grad(dC_parts, C),
         None if D is None else dD_rows.sum(0).to(D.dtype),
         None if z is None else dz.to(z.dtype),

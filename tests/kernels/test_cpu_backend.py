@@ -290,3 +290,50 @@ def test_nan_inputs_reach_the_output_like_the_torch_backend(name):
     want = torch_backend.scan_forward(*args, True, False)[0]
     assert want.isnan().any(), "test bug: the NaN does not reach the reference output"
     assert torch.equal(got.isnan(), want.isnan())
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("groups,dim,batch,layout,Ls,reverse", [
+    (1, LANES, 2, "token_major", (33,), False),      # broadcast B/C, whole tiles
+    (2, LANES + 8, 3, "col_major_2d", (5, 7), True),  # per-lane B/C, tiles straddling batch items
+    (1, 12, 2, "contiguous", (6, 5), False),          # one partial tile per batch item
+])
+def test_backward_into_given_buffers(chunk, threads, groups, dim, batch, layout, Ls, reverse):
+    """BACKWARD_INTO: du added into a given tensor (any strides), dΔ written over Δ itself: bitwise the
+    gradients of a plain call (the cross-scan's backward relies on both)."""
+    chunk(7)
+    cfg, inputs, dout, dlast = make_case(5, groups=groups, dim=dim, batch=batch, layout=layout, Ls=Ls,
+                                         reverse=reverse, **ALL)
+    x = backend_inputs(cfg, inputs)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        _, _, saved = cb.scan_forward(*(x[k] for k in ARGS), cfg["softplus"], cfg["reverse"])
+        plain = cb.scan_backward(dout, dlast, *(x[k] for k in ARGS), saved, cfg["softplus"], cfg["reverse"])
+        earlier = torch.randn(x["u"].shape).permute(*range(x["u"].dim() - 1, -1, -1)).contiguous() \
+            .permute(*range(x["u"].dim() - 1, -1, -1))  # a du of other routes, in another layout than u
+        du_out, delta = earlier.clone(), x["delta"].clone()
+        args = dict(x, delta=delta)
+        into = cb.scan_backward(dout, dlast, *(args[k] for k in ARGS), saved, cfg["softplus"], cfg["reverse"],
+                                du_out=du_out, accumulate_du=True, ddelta_out=delta)
+    finally:
+        torch.set_num_threads(before)
+    assert into[0] is du_out and into[1] is delta
+    torch.testing.assert_close(du_out, earlier + plain[0], rtol=0, atol=0)
+    assert torch.equal(delta, plain[1])  # Δ overwritten by dΔ, read before written
+    for a, b in zip(into[2:], plain[2:]):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_backward_into_rejects_mismatched_buffers():
+    cfg, inputs, dout, dlast = make_case(0, Ls=(9,), dim=4, **ALL)
+    x = backend_inputs(cfg, inputs)
+    _, _, saved = cb.scan_forward(*(x[k] for k in ARGS), cfg["softplus"], cfg["reverse"])
+    call = lambda **kw: cb.scan_backward(dout, dlast, *(x[k] for k in ARGS), saved, cfg["softplus"],
+                                         cfg["reverse"], **kw)
+    with pytest.raises(ValueError, match="du_out must be a float32 tensor of shape"):
+        call(du_out=torch.zeros(x["u"].shape, dtype=torch.float64))
+    with pytest.raises(ValueError, match="ddelta_out must be a float32 tensor of shape"):
+        call(ddelta_out=torch.zeros(3))
+    with pytest.raises(ValueError, match="accumulate_du needs du_out"):
+        call(accumulate_du=True)

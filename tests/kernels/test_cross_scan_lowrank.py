@@ -298,9 +298,10 @@ def _peak_live_mb(fn) -> float:
 
 @needs_cpu_kernel
 def test_fused_training_step_holds_less_than_the_per_route_path(monkeypatch):
-    # The fused backward recomputes one route's Δ at a time and projects dΔ in the route's own layout,
-    # so a forward+backward peaks lower than the per-route path, which saves all four Δ maps (it peaked
-    # higher before both: 10.4 vs 10.3 maps here; now about 8.4).
+    # The fused backward recomputes one route's Δ at a time into one buffer that the cpu kernel overwrites
+    # with dΔ, adds every route's du into one map and projects dΔ in the route's own layout, so a
+    # forward+backward peaks lower than the per-route path, which saves all four Δ maps (measured here:
+    # 10.3 maps per-route; fused 10.4 before the last three changes, 8.4 before the shared buffers, now 7.2).
     from vim2_kernels import cross_scan
 
     x = {k: v.float() for k, v in lowrank_inputs(1, 64, 64, 96, d_state=16, rank=6).items()}
@@ -317,4 +318,4 @@ def test_fused_training_step_holds_less_than_the_per_route_path(monkeypatch):
     monkeypatch.setitem(cross_scan.FUSED_LOWRANK_MAX_RANK, "cpu", 0)  # rank 6 > 0: the per-route path
     per_route = _peak_live_mb(step)
     map_mb = x["u"].numel() * 4 / 2**20
-    assert fused < per_route - map_mb, (fused, per_route, map_mb)
+    assert fused < per_route - 2.5 * map_mb, (fused / map_mb, per_route / map_mb)

@@ -418,7 +418,11 @@ int vim2_scan_fwd(const int64_t *shape,
  * dinit (rows, N). dB/dC: per-thread partials (threads, batch, groups, L, N) in natural order t when
  * S_BC_STEP_MAJOR (N innermost: one step's N values share a cache line), else (threads, batch, groups,
  * N, L);
- * summed by the caller. du/ddelta/dz are addressed through strides like the inputs. */
+ * summed by the caller. du/ddelta/dz are addressed through strides like the inputs.
+ * shape[S_ACCUMULATE]: du += the gradient instead of du = it (the routes of a cross-scan share one du).
+ * `ddelta` may be `delta` itself (same strides): each tile reads a chunk's Δ in its prologue before its
+ * walk writes that chunk's dΔ, chunks go last to first and tiles own disjoint rows, so no Δ is
+ * overwritten before it is read (the cross-scan's backward uses one buffer for both). */
 int vim2_scan_bwd(const int64_t *shape,
                   const float *u, const int64_t *su, const float *delta, const int64_t *sdl,
                   const float *A, const float *Bm, const int64_t *sB, const float *Cm, const int64_t *sC,
@@ -428,6 +432,7 @@ int vim2_scan_bwd(const int64_t *shape,
                   float *dA_rows, float *dB, float *dC, float *dD_rows, float *dbias_rows, float *dinit) {
   const Geometry g = geometry(shape);
   if (g.N > MAX_STATE) return 3;
+  const int accumulate_du = (int)shape[S_ACCUMULATE];
   const int64_t n_tiles = (g.rows + LANES - 1) / LANES;
   const int nthreads = thread_count(shape);
   const int64_t bc_numel = g.batch * g.groups * g.N * g.L;
@@ -643,6 +648,11 @@ int vim2_scan_bwd(const int64_t *shape,
         float dv[LANES];
         for (int j = 0; j < LANES; j++) dv[j] = ddt[j] * dspc[s - s0][j];
         for (int j = 0; j < LANES; j++) dbacc[j] += dv[j];
+        if (accumulate_du) {
+          float prev[LANES];
+          load_lanes(du, bdu, seq_step(sdu, t1, t2), sdu[Q_D], tl.same_batch, prev);
+          for (int j = 0; j < LANES; j++) dx[j] += prev[j];
+        }
         store_lanes(du, bdu, seq_step(sdu, t1, t2), sdu[Q_D], &tl, dx);
         store_lanes(ddelta, bdd, seq_step(sddl, t1, t2), sddl[Q_D], &tl, dv);
       }
