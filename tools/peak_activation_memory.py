@@ -15,14 +15,34 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
+
+
+def live_peak_mb(fn: Callable[[], object]) -> float:
+    """Peak of the tensors that ``fn()`` allocates and frees on PyTorch's CPU allocator, in MB, counted from
+    the profiler's allocation events (memory held before the call does not count)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # The public event lists fold allocations into the ops that made them; the raw events keep each
+    # allocation and free with its time, which a running sum needs.
+    results = getattr(prof.profiler, "kineto_results", None)
+    if results is None:
+        import torch
+        raise RuntimeError(f"torch {torch.__version__}'s profiler does not expose kineto_results (the raw "
+                           "allocation events this count needs); use a torch release that does (2.1-2.14 do)")
+    live = peak = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in results.events() if e.name() == "[memory]"):
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 def peak_activation_mb(name: str, size: int, batch: int = 1, train: bool = False) -> Tuple[float, float]:
     """(peak live MB during one forward, weights MB) of ``name`` at ``size`` x ``size``; ``train``: a
     forward with autograd recording (what a training step keeps for its backward), else inference mode."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_models import _build
@@ -33,17 +53,9 @@ def peak_activation_mb(name: str, size: int, batch: int = 1, train: bool = False
     context = torch.enable_grad if train else torch.inference_mode
     with context():
         model(x)  # first call: one-off allocations (kernel caches) stay out of the count
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            out = model(x)
-        del out
-    changes = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                     if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in changes:
-        live += nbytes
-        peak = max(peak, live)
+        peak = live_peak_mb(lambda: model(x))
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return peak / 2**20, weights / 2**20
+    return peak, weights / 2**20
 
 
 def main(argv: Optional[List[str]] = None) -> int:

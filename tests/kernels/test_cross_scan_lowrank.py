@@ -5,6 +5,9 @@ The fused op runs the routes through the C forward with the Δ projection inside
 in place; its tile groups (TILE_GROUP = 8 tiles of 32 channels), partial tiles spanning two batch
 elements and ranks up to the limit are covered by the swept shapes.
 """
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -146,6 +149,27 @@ def test_gradients_flow_through_the_projection(backend, routes, dim):
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("batch,height,width,dim", [(2, 3, 4, 5), (1, 6, 5, 70)])
+def test_fused_backward_with_and_without_output_buffers_agree(monkeypatch, batch, height, width, dim):
+    """The fused backward's two ways of collecting gradients: into one du and one Δ/dΔ buffer (backends
+    with BACKWARD_INTO, the cpu one) and from fresh per-route outputs (the triton backend's way, reached
+    on a CPU with BACKWARD_INTO switched off): the same gradients."""
+    x = lowrank_inputs(batch=batch, height=height, width=width, dim=dim, d_state=3, rank=3)
+    grad = torch.randn(batch, height, width, dim)
+
+    def grads():
+        t = {k: v.float().requires_grad_(True) for k, v in x.items()}
+        run_lowrank(t, vim2_kernels.ROUTES, backend="cpu").backward(grad)
+        return {k: v.grad for k, v in t.items()}
+
+    into = grads()
+    monkeypatch.setattr(cpu_backend, "BACKWARD_INTO", False)
+    fresh = grads()
+    for name in x:
+        torch.testing.assert_close(into[name], fresh[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+@needs_cpu_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_half_precision_inputs(dtype):
     x = lowrank_inputs(batch=1, height=4, width=4, dim=40, d_state=4, rank=3)
@@ -283,17 +307,11 @@ def test_fused_path_with_empty_maps(height, width, dim):
 
 
 def _peak_live_mb(fn) -> float:
-    """Peak of the tensors ``fn`` allocates and frees on the CPU allocator, counted from profiler events."""
-    from torch.profiler import ProfilerActivity, profile
+    """Peak of the tensors ``fn`` allocates and frees on the CPU allocator (tools/peak_activation_memory.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+    from peak_activation_memory import live_peak_mb
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    live = peak = 0
-    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                            if e.name() == "[memory]"):
-        live += nbytes
-        peak = max(peak, live)
-    return peak / 2**20
+    return live_peak_mb(fn)
 
 
 @needs_cpu_kernel
