@@ -273,7 +273,7 @@ def paired_ratios(rows: List[Dict[str, Any]], focus: str = "vim2_tiny") -> List[
                         rounds=len(ratios), focus_median_ms=round(statistics.median(ok[focus]), 1),
                         peer_median_ms=round(statistics.median(peer_times), 1),
                         ratio_median=round(statistics.median(ratios), 3), ratio_min=round(ratios[0], 3),
-                        ratio_max=round(ratios[-1], 3)))
+                        ratio_max=round(ratios[-1], 3), focus_faster_rounds=sum(r > 1 for r in ratios)))
     return out
 
 
@@ -282,8 +282,8 @@ def describe_paired(r: Dict[str, Any]) -> str:
     verdict = f"faster (x{ratio:.2f})" if ratio > 1 else f"slower (x{1 / ratio:.2f})"
     return (f"- paired, {r['mode']} at {r['img_size']}x{r['img_size']}: {focus} is {verdict} than {peer}, median "
             f"of {r['rounds']} rounds interleaved in one process (per-round time ratio {peer}/{focus} "
-            f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}; medians {r['focus_median_ms']:.0f} vs "
-            f"{r['peer_median_ms']:.0f} ms)")
+            f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}, {focus} faster in {r['focus_faster_rounds']} of "
+            f"{r['rounds']}; medians {r['focus_median_ms']:.0f} vs {r['peer_median_ms']:.0f} ms)")
 
 
 # --------------------------------------------------------------------------------------------------

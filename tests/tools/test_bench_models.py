@@ -51,7 +51,9 @@ def test_paired_ratios_divide_within_each_round():
     (r,) = bench.paired_ratios(rows)
     # per round 1.1, 1.5, 1.0: the median of the paired ratios, not the ratio of medians (30 / 20)
     assert (r["model"], r["ratio_median"], r["ratio_min"], r["ratio_max"]) == ("deit_small_patch16_224", 1.1, 1.0, 1.5)
+    assert r["focus_faster_rounds"] == 2  # a tie (1.0) is not a round that ViM2-T won
     assert "ViM2-T is faster (x1.10) than DeiT-S" in bench.describe_paired(r)
+    assert "ViM2-T faster in 2 of 3" in bench.describe_paired(r)
     assert bench.paired_ratios(rows[1:]) == []  # no focus model measured: nothing to pair
 
 
