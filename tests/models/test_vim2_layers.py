@@ -350,8 +350,8 @@ def _saved_bytes(fn) -> int:
 
 @pytest.mark.parametrize('autocast', [False, True])
 def test_selective_recompute_same_results_fewer_saved_activations(autocast):
-    """The token mixer's conv SiLU and gate branch, recomputed in the backward: the same outputs and
-    gradients as when they are stored (float32 and bf16 autocast), and a smaller saved graph."""
+    """The token mixer's scan-branch projection/conv/SiLU and gate branch, recomputed in the backward: the
+    same outputs and gradients as when they are stored (float32 and bf16 autocast), a smaller saved graph."""
     import contextlib
     import copy
 
@@ -375,10 +375,12 @@ def test_selective_recompute_same_results_fewer_saved_activations(autocast):
     torch.testing.assert_close(out_r, out_s, rtol=0, atol=0)
     for a, b in zip(grads_r, grads_s):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    # stored: conv output, SiLU output, out-norm output, z, SiLU(z), the gated product (d_inner = 24
-    # channels each) besides what both keep; recomputed keeps the scan output and its inputs only
+    # stored: the in-projection's and the conv's outputs, out-norm output, z, SiLU(z), the gated product
+    # (d_inner = 24 channels each) besides what both keep; recomputed keeps the scan output and inputs only
     map_bytes = x[..., :1].numel() * 24 * (2 if autocast else 4)
-    assert saved_s - saved_r >= 3 * map_bytes, (saved_s, saved_r)
+    # (measured 6.3 maps in float32, 5.7 under autocast, where the norm's float32 output and a bf16 copy
+    # of the product change the count; without the in-projection recomputed it was 5.3 and 4.1)
+    assert saved_s - saved_r >= (5 if autocast else 5.5) * map_bytes, (saved_s / map_bytes, saved_r / map_bytes)
 
 
 def test_selective_recompute_is_a_model_argument():

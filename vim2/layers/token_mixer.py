@@ -13,12 +13,13 @@ Every route has its own Δ/B/C projections, Δ bias, A_log and D. Because Δ, B 
 linear maps of the activated branch, they are computed once for all routes in the natural (h, w)
 layout and the kernel walks the routes as strided views (no permuted copies here).
 
-Selective recomputation (``selective_recompute=True``, the default): when autograd records, the
-depth-wise conv + SiLU and the whole gate branch (out-norm, gate projection, SiLU, product) are
-recomputed in the backward instead of stored (``torch.utils.checkpoint``, non-reentrant). They are cheap
-per-token work whose outputs are full (B, H, W, d_inner) maps: ViM2-T keeps 37% fewer activations for
-its backward (762 -> 476 MB at 512x512), and a training step took the same time within this machine's
-noise (median ratio 0.99-1.01 over 21 interleaved rounds). The scan's own inputs stay stored.
+Selective recomputation (``selective_recompute=True``, the default): when autograd records, the scan
+branch's in-projection + depth-wise conv + SiLU and the whole gate branch (out-norm, gate projection,
+SiLU, product) are recomputed in the backward instead of stored (``torch.utils.checkpoint``,
+non-reentrant). They are cheap per-token work whose outputs are full (B, H, W, d_inner) maps: ViM2-T
+keeps 45% fewer activations for its backward (762 -> 419 MB at 512x512), and a training step took the
+same time within this machine's noise (interleaved rounds, docs/architecture.md). The scan's own inputs
+stay stored.
 """
 from __future__ import annotations
 
@@ -79,8 +80,8 @@ class SelectiveTokenMixer(nn.Module):
         d_conv: depth-wise conv kernel size (3 = 3x3).
         routes: scan routes handed to ``vim2_kernels.cross_scan_2d`` ('row', 'col', 'row_rev', 'col_rev').
         scan_backend: kernel backend (None = automatic choice of vim2_kernels).
-        selective_recompute: when training, recompute the conv's SiLU and the gate branch in the backward
-            instead of storing them (see the module docstring); False stores them (plain autograd).
+        selective_recompute: when training, recompute the scan branch's projection, conv and SiLU and the
+            gate branch in the backward instead of storing them (see the module docstring); False stores them (plain autograd).
 
     Input/output: (B, H, W, C) channels-last tensor (any float dtype; autocast supported).
     """
@@ -153,11 +154,10 @@ class SelectiveTokenMixer(nn.Module):
         # in_proj as its two halves: the scan branch comes out contiguous (no copy for the conv) and
         # the gate branch is only computed (and held) after the scan
         in_weight_x, in_weight_z = self.in_proj.weight.chunk(2, dim=0)
-        u = F.linear(x, in_weight_x)
         if recompute:
-            u = checkpoint(self._conv_and_act, u, use_reentrant=False, preserve_rng_state=False)
+            u = checkpoint(self._project_conv_and_act, x, in_weight_x, use_reentrant=False, preserve_rng_state=False)
         else:
-            u = self._conv_and_act(u, inplace=inplace)
+            u = self._project_conv_and_act(x, in_weight_x, inplace=inplace)
 
         # All routes' Δ/B/C projections in one matmul: (B, H, W, d_inner) -> (B, H, W, K, R + 2N).
         x_dbl = F.linear(u, self.x_proj_weight.reshape(-1, self.d_inner))
@@ -191,8 +191,9 @@ class SelectiveTokenMixer(nn.Module):
         )
         return out.view(batch, height, width, -1)
 
-    def _conv_and_act(self, u: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-        """SiLU(depth-wise conv(u)) on a (B, H, W, d_inner) map."""
+    def _project_conv_and_act(self, x: torch.Tensor, in_weight_x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """SiLU(depth-wise conv(in_proj_x(x))): the scan branch, (B, H, W, C) -> (B, H, W, d_inner)."""
+        u = F.linear(x, in_weight_x)
         # The NCHW view of a NHWC tensor is channels-last; the conv keeps that layout, so the
         # permute back is (close to) free.
         u = self.conv(u.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
