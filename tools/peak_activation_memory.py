@@ -21,6 +21,7 @@ from typing import Callable, List, Optional, Tuple
 def live_peak_mb(fn: Callable[[], object]) -> float:
     """Peak of the tensors that ``fn()`` allocates and frees on PyTorch's CPU allocator, in MB, counted from
     the profiler's allocation events (memory held before the call does not count)."""
+    import torch
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -29,7 +30,6 @@ def live_peak_mb(fn: Callable[[], object]) -> float:
     # allocation and free with its time, which a running sum needs.
     results = getattr(prof.profiler, "kineto_results", None)
     if results is None:
-        import torch
         raise RuntimeError(f"torch {torch.__version__}'s profiler does not expose kineto_results (the raw "
                            "allocation events this count needs); use a torch release that does (2.1-2.14 do)")
     live = peak = 0

@@ -14,7 +14,8 @@ SCRIPT = ROOT / "tools" / "ab_cpu_kernels.py"
 in_git_checkout = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode == 0
 pytestmark = [
     pytest.mark.skipif(not in_git_checkout, reason="needs the project's git history"),
-    pytest.mark.skipif(cpu_backend.unavailable_reason(torch.device("cpu")) is not None, reason="needs the compiled CPU kernels"),
+    pytest.mark.skipif(cpu_backend.unavailable_reason(torch.device("cpu")) is not None,
+                       reason="needs the compiled CPU kernels"),
 ]
 
 

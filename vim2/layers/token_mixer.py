@@ -69,6 +69,12 @@ def init_a_log(leading_shape: Sequence[int], d_state: int, device=None) -> torch
     return torch.log(a).expand(*leading_shape, d_state).clone()
 
 
+def _recomputed_in_backward(fn, *args: torch.Tensor) -> torch.Tensor:
+    """``fn(*args)``, its intermediates not kept by autograd: the backward runs ``fn`` again (non-reentrant
+    checkpoint; ``fn`` draws no random numbers, so no RNG state is saved)."""
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+
+
 class SelectiveTokenMixer(nn.Module):
     """Selective Token Mixer: 2-D multi-route selective scan over the spatial tokens of a map.
 
@@ -81,7 +87,8 @@ class SelectiveTokenMixer(nn.Module):
         routes: scan routes handed to ``vim2_kernels.cross_scan_2d`` ('row', 'col', 'row_rev', 'col_rev').
         scan_backend: kernel backend (None = automatic choice of vim2_kernels).
         selective_recompute: when training, recompute the scan branch's projection, conv and SiLU and the
-            gate branch in the backward instead of storing them (see the module docstring); False stores them (plain autograd).
+            gate branch in the backward instead of storing them (see the module docstring); False stores
+            them (plain autograd).
 
     Input/output: (B, H, W, C) channels-last tensor (any float dtype; autocast supported).
     """
@@ -155,7 +162,7 @@ class SelectiveTokenMixer(nn.Module):
         # the gate branch is only computed (and held) after the scan
         in_weight_x, in_weight_z = self.in_proj.weight.chunk(2, dim=0)
         if recompute:
-            u = checkpoint(self._project_conv_and_act, x, in_weight_x, use_reentrant=False, preserve_rng_state=False)
+            u = _recomputed_in_backward(self._project_conv_and_act, x, in_weight_x)
         else:
             u = self._project_conv_and_act(x, in_weight_x, inplace=inplace)
 
@@ -179,8 +186,7 @@ class SelectiveTokenMixer(nn.Module):
             backend=self.scan_backend,
         )
         if recompute:
-            return checkpoint(self._gate_and_project, y, x, in_weight_z, use_reentrant=False,
-                              preserve_rng_state=False)
+            return _recomputed_in_backward(self._gate_and_project, y, x, in_weight_z)
         if not inplace:
             return self._gate_and_project(y, x, in_weight_z)
         # without autograd: the scan's inputs are freed and the per-token rest runs on chunks of tokens

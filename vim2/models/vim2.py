@@ -224,9 +224,9 @@ class ViM2(nn.Module):
             of the token mixer before it).
         scan_backend: vim2_kernels backend for every scan (None = automatic).
         selective_recompute: when training, the token mixers recompute their scan branch's projection,
-            conv and SiLU and their gate branch in the backward instead of storing them (45% fewer saved activations for
-            ViM2-T, no measurable time cost; docs/architecture.md). False: plain autograd. Independent of
-            ``set_grad_checkpointing``, which recomputes whole blocks.
+            conv and SiLU and their gate branch in the backward instead of storing them (45% fewer saved
+            activations for ViM2-T, no measurable time cost; docs/architecture.md). False: plain
+            autograd. Independent of ``set_grad_checkpointing``, which recomputes whole blocks.
     """
 
     def __init__(

@@ -648,10 +648,10 @@ int vim2_scan_bwd(const int64_t *shape,
         float dv[LANES];
         for (int j = 0; j < LANES; j++) dv[j] = ddt[j] * dspc[s - s0][j];
         for (int j = 0; j < LANES; j++) dbacc[j] += dv[j];
-        if (accumulate_du) {
-          float prev[LANES];
-          load_lanes(du, bdu, seq_step(sdu, t1, t2), sdu[Q_D], tl.same_batch, prev);
-          for (int j = 0; j < LANES; j++) dx[j] += prev[j];
+        if (accumulate_du) {  /* the other routes' du, added here */
+          float du_other[LANES];
+          load_lanes(du, bdu, seq_step(sdu, t1, t2), sdu[Q_D], tl.same_batch, du_other);
+          for (int j = 0; j < LANES; j++) dx[j] += du_other[j];
         }
         store_lanes(du, bdu, seq_step(sdu, t1, t2), sdu[Q_D], &tl, dx);
         store_lanes(ddelta, bdd, seq_step(sddl, t1, t2), sddl[Q_D], &tl, dv);
