@@ -29,6 +29,12 @@ sharing a process share its memory). Why: on this project's shared cloud machine
 whole machine moved by 20% between two runs a day apart (DeiT-S 4.3 s, then 5.5 s) and by 10-20%
 between the workers of one run, as much as the differences being measured.
 
+``--thp`` runs every worker with PyTorch's ``THP_MEM_ALLOC_ENABLE=1`` (Linux: CPU tensors of 2 MB and
+more are backed by transparent huge pages), for every model alike. Without it each fresh multi-MB tensor
+is faulted in 4 KB page by page; at 1024x1024 that is most of a ViM2-T training step's page faults
+(docs/benchmarks.md). The header says which allocator setting a run had, and each CPU row how much of
+the worker's memory ended up in huge pages (``huge_pages_mb``).
+
     python tools/bench_models.py --device cpu --batch-size 1 --repeats 2 --threads 2
 """
 from __future__ import annotations
@@ -59,7 +65,11 @@ LABELS = {
     "deit_small_patch16_224" + EAGER_ATTN: "DeiT-S (eager attention)",
 }
 FIELDS = ["model", "img_size", "mode", "batch_size", "device", "threads", "status", "time_ms", "images_per_s",
-          "peak_mem_mb", "params_m", "repeats", "notes"]
+          "peak_mem_mb", "params_m", "repeats", "huge_pages_mb", "notes"]
+# PyTorch's switch for huge-page-backed CPU tensors (c10's alloc_cpu reads it once, at the first allocation of
+# a process: it has to be in a worker's environment from the start)
+THP_ENV = "THP_MEM_ALLOC_ENABLE"
+THP_SYSFS = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -75,6 +85,36 @@ def _rss_kb(field: str) -> Optional[int]:
     except OSError:
         return None
     return None
+
+
+def _huge_pages_mb() -> Optional[float]:
+    """This process's anonymous memory in transparent huge pages (Linux), in MB; None where unknown."""
+    try:
+        with open("/proc/self/smaps_rollup") as handle:
+            for line in handle:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def thp_system_mode() -> Optional[str]:
+    """The kernel's transparent-huge-page mode ('always', 'madvise' or 'never'), None without THP (not
+    Linux, or a kernel built without it)."""
+    try:
+        text = THP_SYSFS.read_text()
+    except OSError:
+        return None
+    chosen = [word.strip("[]") for word in text.split() if word.startswith("[")]
+    return chosen[0] if chosen else None
+
+
+def allocator_description(env: Dict[str, str]) -> str:
+    """What a run's header says about the CPU allocator setting its workers get from ``env``."""
+    if env.get(THP_ENV, "0") not in ("", "0"):
+        return f"CPU tensors >= 2 MB in transparent huge pages ({THP_ENV}=1, kernel mode {thp_system_mode()})"
+    return f"PyTorch's default CPU allocator (4 KB pages; {THP_ENV} unset)"
 
 
 def _reset_peak_rss() -> bool:
@@ -194,6 +234,9 @@ def run_worker(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
         rows.append(dict(base, mode=mode, status="ok", time_ms=round(seconds * 1e3, 2), repeats=timed,
                          images_per_s=round(spec["batch_size"] / seconds, 3), peak_mem_mb=round(peak_mb, 1),
                          params_m=round(params_m, 2), notes=notes))
+        if not cuda:
+            huge = _huge_pages_mb()
+            rows[-1]["huge_pages_mb"] = None if huge is None else round(huge, 1)
         if mode == "train":
             del step
             model.zero_grad(set_to_none=True)
@@ -512,6 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
                         help="also time all models interleaved in one process for this many rounds per "
                              "(size, mode), and report each peer's time over ViM2-T's of the same round")
+    parser.add_argument("--thp", action="store_true",
+                        help=f"run every worker with {THP_ENV}=1: CPU tensors of 2 MB and more in transparent huge "
+                             "pages (Linux), for all models alike")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -532,14 +578,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     machine = _machine_description(args.device)
-    worker_env = None
+    worker_env = dict(os.environ)
+    if args.thp:
+        mode = thp_system_mode()
+        if mode not in ("always", "madvise"):
+            raise SystemExit(f"--thp: this system has no transparent huge pages to use (kernel mode: {mode}; "
+                             f"{THP_SYSFS} {'says never' if mode == 'never' else 'is missing'})")
+        worker_env[THP_ENV] = "1"
+    if args.device == "cpu":
+        machine += f"; {allocator_description(worker_env)}"
     snapshot_dir = None
     if not args.live_code:
         snapshot_dir = tempfile.TemporaryDirectory(prefix="vim2-bench-code-")
         commit = snapshot_code(Path(snapshot_dir.name))
         if commit:
-            worker_env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-                [snapshot_dir.name] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+            worker_env["PYTHONPATH"] = os.pathsep.join(
+                [snapshot_dir.name] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
             machine += f"; vim2/vim2_kernels code frozen at commit {commit} for the whole run"
     print(f"bench: {machine}", flush=True)
     rows: List[Dict[str, Any]] = []

@@ -149,3 +149,32 @@ def test_peak_activation_memory_counts_what_a_forward_allocates():
 
     expected = sum(p.numel() * p.element_size() for p in timm.create_model("test_vim2").parameters())
     assert weights == expected / 2**20
+
+
+def test_thp_option_reaches_the_workers_and_the_header(tmp_path):
+    bench = _bench_module()
+    if bench.thp_system_mode() not in ("always", "madvise"):
+        pytest.skip("this system has no transparent huge pages")
+    proc = run(tmp_path, "--models", "test_vim2", "--modes", "infer", "--thp")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"{bench.THP_ENV}=1" in (tmp_path / "bench.md").read_text()
+    (row,) = csv.DictReader(open(tmp_path / "bench.csv"))
+    assert row["status"] == "ok" and float(row["huge_pages_mb"]) >= 0
+
+
+def test_default_run_names_the_default_allocator(tmp_path):
+    env_before = os.environ.pop(_bench_module().THP_ENV, None)
+    try:
+        proc = run(tmp_path, "--models", "test_vim2", "--modes", "infer")
+    finally:
+        if env_before is not None:
+            os.environ[_bench_module().THP_ENV] = env_before
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "default CPU allocator (4 KB pages" in (tmp_path / "bench.md").read_text()
+
+
+def test_thp_without_huge_pages_is_a_clear_error(tmp_path):
+    bench = _bench_module()
+    bench.THP_SYSFS = tmp_path / "no_transparent_hugepage_here"
+    with pytest.raises(SystemExit, match="--thp: this system has no transparent huge pages"):
+        bench.main(["--thp", "--models", "test_vim2", "--sizes", "64", "--out-dir", str(tmp_path)])
