@@ -111,10 +111,14 @@ def thp_system_mode() -> Optional[str]:
 
 
 def allocator_description(env: Dict[str, str]) -> str:
-    """What a run's header says about the CPU allocator setting its workers get from ``env``."""
+    """What a run's header says about the CPU allocator settings its workers get from ``env`` (PyTorch's
+    huge pages and any glibc ``MALLOC_*`` tunables: both move time and peak memory, docs/benchmarks.md)."""
     if env.get(THP_ENV, "0") not in ("", "0"):
-        return f"CPU tensors >= 2 MB in transparent huge pages ({THP_ENV}=1, kernel mode {thp_system_mode()})"
-    return f"PyTorch's default CPU allocator (4 KB pages; {THP_ENV} unset)"
+        text = f"CPU tensors >= 2 MB in transparent huge pages ({THP_ENV}=1, kernel mode {thp_system_mode()})"
+    else:
+        text = f"PyTorch's default CPU allocator (4 KB pages; {THP_ENV} not enabled)"
+    glibc = [f"{key}={value}" for key, value in sorted(env.items()) if key.startswith("MALLOC_")]
+    return text + (f", glibc tunables {' '.join(glibc)}" if glibc else "")
 
 
 def _reset_peak_rss() -> bool:
@@ -580,10 +584,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     machine = _machine_description(args.device)
     worker_env = dict(os.environ)
     if args.thp:
-        mode = thp_system_mode()
-        if mode not in ("always", "madvise"):
-            raise SystemExit(f"--thp: this system has no transparent huge pages to use (kernel mode: {mode}; "
-                             f"{THP_SYSFS} {'says never' if mode == 'never' else 'is missing'})")
+        thp_mode = thp_system_mode()
+        if thp_mode not in ("always", "madvise"):
+            raise SystemExit(f"--thp: this system has no transparent huge pages to use (kernel mode: {thp_mode}; "
+                             f"{THP_SYSFS} {'says never' if thp_mode == 'never' else 'is missing'})")
         worker_env[THP_ENV] = "1"
     if args.device == "cpu":
         machine += f"; {allocator_description(worker_env)}"

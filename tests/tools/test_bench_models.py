@@ -173,6 +173,13 @@ def test_default_run_names_the_default_allocator(tmp_path):
     assert "default CPU allocator (4 KB pages" in (tmp_path / "bench.md").read_text()
 
 
+def test_allocator_description_names_huge_pages_and_glibc_tunables():
+    bench = _bench_module()
+    text = bench.allocator_description({bench.THP_ENV: "1", "MALLOC_MMAP_THRESHOLD_": "2097152", "HOME": "/x"})
+    assert f"{bench.THP_ENV}=1" in text and "MALLOC_MMAP_THRESHOLD_=2097152" in text and "HOME" not in text
+    assert "default CPU allocator" in bench.allocator_description({bench.THP_ENV: "0"})
+
+
 def test_thp_without_huge_pages_is_a_clear_error(tmp_path):
     bench = _bench_module()
     bench.THP_SYSFS = tmp_path / "no_transparent_hugepage_here"
