@@ -386,7 +386,72 @@ def test_selective_recompute_same_results_fewer_saved_activations(autocast):
 def test_selective_recompute_is_a_model_argument():
     import timm
 
-    assert all(m.selective_recompute for m in timm.create_model('test_vim2').modules()
-               if isinstance(m, SelectiveTokenMixer))
+    mixers = (SelectiveTokenMixer, SelectiveChannelMixer)
+    default = [m for m in timm.create_model('test_vim2').modules() if isinstance(m, mixers)]
+    assert {type(m) for m in default} == set(mixers) and all(m.selective_recompute for m in default)
     model = timm.create_model('test_vim2', selective_recompute=False)
-    assert not any(m.selective_recompute for m in model.modules() if isinstance(m, SelectiveTokenMixer))
+    assert not any(m.selective_recompute for m in model.modules() if isinstance(m, mixers))
+
+
+@pytest.mark.parametrize('autocast', [False, True])
+@pytest.mark.parametrize('kind', ['token', 'channel'])
+def test_block_norm_is_recomputed_inside_the_mixer(kind, autocast):
+    """With the selective recomputation a block's LayerNorm runs inside its mixer's recomputed regions: the
+    same output and gradients as when the block applies it and the mixer keeps its input, and the
+    normalised input, a (B, H, W, C) map, is not stored."""
+    import contextlib
+
+    from vim2.models.vim2 import MixerBlock
+
+    dim = 12
+    mixer = SelectiveTokenMixer(dim, d_state=4) if kind == 'token' else SelectiveChannelMixer(dim, 20, d_state=4)
+    block = MixerBlock(dim, mixer, kind, num_inputs=3)
+    _randomize_(block, seed=7)
+    with torch.no_grad():
+        block.input_average.weight.copy_(torch.tensor([0.3, -0.7, 1.1]))
+    gen = torch.Generator().manual_seed(4)
+    inputs = [torch.randn(2, 9, 7, dim, generator=gen).requires_grad_(True) for _ in range(3)]
+    grad_out = torch.randn(2, 9, 7, dim, generator=gen)
+
+    def block_keeps_its_input():  # the block's norm outside the mixer (what a plain mixer call does)
+        x = block.input_average(inputs)
+        return x + block.mixer(block.norm(x))
+
+    results = {}
+    for name, fn in (('kept', block_keeps_its_input), ('recomputed', lambda: block(*inputs))):
+        with torch.autocast('cpu', dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+            out, saved = _saved_bytes(fn)
+        grads = torch.autograd.grad(out, [*inputs, *block.parameters()], grad_out.to(out.dtype))
+        results[name] = out, grads, saved
+    (out_k, grads_k, saved_k), (out_r, grads_r, saved_r) = results['kept'], results['recomputed']
+    torch.testing.assert_close(out_r, out_k, rtol=0, atol=0)
+    for a, b in zip(grads_r, grads_k):  # (sums over all tokens, e.g. the weights' grads: another order)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    map_bytes = inputs[0].numel() * 4  # the norm's output stays float32 under autocast
+    assert saved_k - saved_r >= 0.95 * map_bytes, ((saved_k - saved_r) / map_bytes)
+
+
+def test_selective_recompute_whole_model_same_results():
+    """test_vim2 (token and channel mixers, weighted averaging) with and without the selective
+    recomputation: bitwise the same output, the same gradients to float32 rounding."""
+    import timm
+
+    torch.manual_seed(0)
+    recomputing = timm.create_model('test_vim2', num_classes=4, drop_path_rate=0.0)
+    _randomize_(recomputing, seed=3)
+    with torch.no_grad():
+        for module in recomputing.modules():
+            if isinstance(module, WeightedInputAverage):
+                module.weight.uniform_(-1.0, 1.0, generator=torch.Generator().manual_seed(1))
+    storing = timm.create_model('test_vim2', num_classes=4, drop_path_rate=0.0, selective_recompute=False)
+    storing.load_state_dict(recomputing.state_dict())
+    assert not any(getattr(m, 'selective_recompute', False) for m in storing.modules())
+    x = torch.randn(2, 3, 64, 64)
+    outs = [model(x) for model in (recomputing, storing)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    for out in outs:
+        out.square().sum().backward()
+    for (name, a), b in zip(recomputing.named_parameters(), storing.parameters()):
+        # float32 sums in another order: differences up to 3e-5 of a gradient's largest entry (measured)
+        scale = b.grad.abs().max().item()
+        assert (a.grad - b.grad).abs().max().item() <= 2e-4 * scale, name

@@ -22,7 +22,7 @@ back" (tested), without materialising any flipped tensor.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -30,6 +30,7 @@ from torch import nn
 import vim2_kernels
 
 from .inplace import can_overwrite, map_token_chunks
+from .recompute import recomputed_in_backward
 from .token_mixer import init_a_log, init_dt_bias
 
 __all__ = ['SelectiveChannelMixer']
@@ -46,6 +47,9 @@ class SelectiveChannelMixer(nn.Module):
         d_state: SSM state size N.
         d_conv: kernel size of the 1-D conv along the channel axis (per direction).
         scan_backend: kernel backend (None = automatic choice of vim2_kernels).
+        selective_recompute: in ``forward_normed`` while training, recompute the block's LayerNorm with
+            the two input projections in the backward instead of storing the normalised input; False
+            stores it.
 
     Input/output: (B, H, W, C) channels-last tensor.
 
@@ -65,6 +69,7 @@ class SelectiveChannelMixer(nn.Module):
             d_state: int = 16,
             d_conv: int = 4,
             scan_backend: Optional[str] = None,
+            selective_recompute: bool = True,
             device=None,
             dtype=None,
     ):
@@ -82,6 +87,7 @@ class SelectiveChannelMixer(nn.Module):
         self.d_state = d_state
         self.d_conv = d_conv
         self.scan_backend = scan_backend
+        self.selective_recompute = selective_recompute
 
         self.in_proj = nn.Linear(dim, hidden_dim, bias=False, **dd)
         self.gate_proj = nn.Linear(dim, hidden_dim, bias=False, **dd)
@@ -126,10 +132,25 @@ class SelectiveChannelMixer(nn.Module):
         mix = map_token_chunks if can_overwrite(x, self.parameters()) else (lambda fn, t: fn(t))
         return mix(self._mix_tokens, tokens).view(*x.shape[:-1], -1)
 
+    def forward_normed(self, norm: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """``forward(norm(x))``. With ``selective_recompute`` and autograd recording, ``norm`` and the two
+        input projections are one recomputed region: ``norm(x)``, which the projections' backward would
+        otherwise keep, is not stored (a ``MixerBlock`` passes its LayerNorm)."""
+        if not self.selective_recompute or not torch.is_grad_enabled():
+            return self.forward(norm(x))
+        v, z = recomputed_in_backward(lambda x_: self._project_in(norm(x_).reshape(-1, self.dim)), x)
+        return self._mix_projected(v, z).view(*x.shape[:-1], -1)
+
     def _mix_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(tokens, C) -> (tokens, C)."""
-        v = self.in_proj(x)
-        z = self.gate_proj(x)
+        return self._mix_projected(*self._project_in(x))
+
+    def _project_in(self, x: torch.Tensor):
+        """(tokens, C) -> the scan input v and the gate z, (tokens, E) each."""
+        return self.in_proj(x), self.gate_proj(x)
+
+    def _mix_projected(self, v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Scan input v and gate z (tokens, E) -> (tokens, C)."""
         y = vim2_kernels.channel_mixer_scan(
             v, z.to(v.dtype), self.conv_weight, self.conv_bias, self.delta_weight, self.delta_bias,
             self.B_weight, self.B_bias, self.C_weight, self.C_bias,
@@ -139,4 +160,4 @@ class SelectiveChannelMixer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, hidden_dim={self.hidden_dim}, d_state={self.d_state}, d_conv={self.d_conv}, '
-                f'scan_backend={self.scan_backend}')
+                f'scan_backend={self.scan_backend}, selective_recompute={self.selective_recompute}')

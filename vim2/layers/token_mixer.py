@@ -19,21 +19,22 @@ SiLU, product) are recomputed in the backward instead of stored (``torch.utils.c
 non-reentrant). They are cheap per-token work whose outputs are full (B, H, W, d_inner) maps: ViM2-T
 keeps 45% fewer activations for its backward (762 -> 419 MB at 512x512), and a training step took the
 same time within this machine's noise (interleaved rounds, docs/architecture.md). The scan's own inputs
-stay stored.
+stay stored. ``forward_normed(norm, x)`` also moves the block's LayerNorm into both regions, so its
+output is not stored either (419 -> 378 MB; about 2% more time).
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 import vim2_kernels
 
 from .inplace import can_overwrite, map_token_chunks
+from .recompute import recomputed_in_backward
 
 __all__ = ['SelectiveTokenMixer', 'resolve_dt_rank', 'init_dt_bias', 'init_a_log']
 
@@ -69,10 +70,8 @@ def init_a_log(leading_shape: Sequence[int], d_state: int, device=None) -> torch
     return torch.log(a).expand(*leading_shape, d_state).clone()
 
 
-def _recomputed_in_backward(fn, *args: torch.Tensor) -> torch.Tensor:
-    """``fn(*args)``, its intermediates not kept by autograd: the backward runs ``fn`` again (non-reentrant
-    checkpoint; ``fn`` draws no random numbers, so no RNG state is saved)."""
-    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+def _as_is(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 class SelectiveTokenMixer(nn.Module):
@@ -154,25 +153,51 @@ class SelectiveTokenMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, C) -> (B, H, W, C)."""
-        batch, height, width, _ = x.shape
-        num_routes = len(self.routes)
         inplace = can_overwrite(x, self.parameters())
-        recompute = self.selective_recompute and not inplace
+        if self.selective_recompute and not inplace:
+            return self._forward_recomputing(_as_is, x)
         # in_proj as its two halves: the scan branch comes out contiguous (no copy for the conv) and
         # the gate branch is only computed (and held) after the scan
         in_weight_x, in_weight_z = self.in_proj.weight.chunk(2, dim=0)
-        if recompute:
-            u = _recomputed_in_backward(self._project_conv_and_act, x, in_weight_x)
-        else:
-            u = self._project_conv_and_act(x, in_weight_x, inplace=inplace)
+        u = self._project_conv_and_act(x, in_weight_x, inplace=inplace)
+        y = self._scan(u)
+        if not inplace:
+            return self._gate_and_project(y, x, in_weight_z)
+        # without autograd: the scan's input is freed and the per-token rest runs on chunks of tokens
+        del u
+        out = map_token_chunks(
+            lambda y_, x_: self._gate_and_project(y_, x_, in_weight_z, inplace=True),
+            y.reshape(-1, self.d_inner), x.reshape(-1, self.dim),
+        )
+        return out.view(*x.shape[:-1], -1)
 
+    def forward_normed(self, norm: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """``forward(norm(x))``. With the selective recomputation on and autograd recording, ``norm`` runs
+        inside both recomputed regions, so ``norm(x)``, a (B, H, W, C) map, is not kept for the backward
+        (a ``MixerBlock`` passes its LayerNorm; docs/architecture.md)."""
+        if not self.selective_recompute or not torch.is_grad_enabled():
+            return self.forward(norm(x))
+        return self._forward_recomputing(norm, x)
+
+    def _forward_recomputing(self, prepare: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The autograd path with the selective recomputation (module docstring) of ``prepare(x)``: each
+        region computes ``prepare(x)`` itself (twice in the forward: cheap per-token work)."""
+        in_weight_x, in_weight_z = self.in_proj.weight.chunk(2, dim=0)
+        u = recomputed_in_backward(
+            lambda x_, weight: self._project_conv_and_act(prepare(x_), weight), x, in_weight_x)
+        y = self._scan(u)
+        return recomputed_in_backward(
+            lambda y_, x_, weight: self._gate_and_project(y_, prepare(x_), weight), y, x, in_weight_z)
+
+    def _scan(self, u: torch.Tensor) -> torch.Tensor:
+        """The 2-D cross-scan of the activated branch u: (B, H, W, d_inner) -> (B, H, W, d_inner)."""
+        batch, height, width, _ = u.shape
         # All routes' Δ/B/C projections in one matmul: (B, H, W, d_inner) -> (B, H, W, K, R + 2N).
         x_dbl = F.linear(u, self.x_proj_weight.reshape(-1, self.d_inner))
-        x_dbl = x_dbl.view(batch, height, width, num_routes, -1)
+        x_dbl = x_dbl.view(batch, height, width, len(self.routes), -1)
         dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-
         # Δ = dt_proj(dts) is applied inside the scan (fused on the cpu inference path; see cross_scan_2d)
-        y = vim2_kernels.cross_scan_2d(
+        return vim2_kernels.cross_scan_2d(
             u,
             dts,
             -torch.exp(self.A_log.float()),
@@ -185,17 +210,6 @@ class SelectiveTokenMixer(nn.Module):
             delta_proj_weight=self.dt_proj_weight,
             backend=self.scan_backend,
         )
-        if recompute:
-            return _recomputed_in_backward(self._gate_and_project, y, x, in_weight_z)
-        if not inplace:
-            return self._gate_and_project(y, x, in_weight_z)
-        # without autograd: the scan's inputs are freed and the per-token rest runs on chunks of tokens
-        del u, x_dbl, dts, Bs, Cs
-        out = map_token_chunks(
-            lambda y_, x_: self._gate_and_project(y_, x_, in_weight_z, inplace=True),
-            y.reshape(-1, self.d_inner), x.reshape(-1, self.dim),
-        )
-        return out.view(batch, height, width, -1)
 
     def _project_conv_and_act(self, x: torch.Tensor, in_weight_x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """SiLU(depth-wise conv(in_proj_x(x))): the scan branch, (B, H, W, C) -> (B, H, W, d_inner)."""

@@ -118,12 +118,15 @@ class MixerBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        if self.input_average is not None:
-            x = self.input_average(inputs)
-        elif len(inputs) == 1:
-            x = inputs[0]
-        else:
+        if self.input_average is None and len(inputs) != 1:
             raise ValueError(f'this block has no weighted averaging and takes one input, got {len(inputs)}')
+        x = self._averaged_input(inputs)
+        if getattr(self.mixer, 'selective_recompute', False) and not can_overwrite(x, self.parameters()):
+            # The mixer runs the norm inside its recomputed regions, so the normalised input is not kept for
+            # the backward (the averaged input is: the regions' input; the average's addcmuls keep only the
+            # stage's earlier outputs, kept anyway). Recomputing the average too would save one more map per
+            # block but cost 1.05x a training step instead of 1.02x (docs/architecture.md).
+            return x + self.drop_path(self.mixer.forward_normed(self.norm, x))
         # Without autograd a block with weighted averaging does not keep its averaged input while the mixer
         # runs (a whole map: 25 MB at ViM2-T's stage 1 at 1024x1024); the residual is rebuilt afterwards
         # from the stage's outputs.
@@ -139,6 +142,10 @@ class MixerBlock(nn.Module):
         if residual is None:
             residual = self.input_average(inputs)
         return residual + y
+
+    def _averaged_input(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The block's input: the weighted average of the stage's earlier outputs, or its one input."""
+        return self.input_average(inputs) if self.input_average is not None else inputs[0]
 
 
 class ViM2Stage(nn.Module):
@@ -224,9 +231,10 @@ class ViM2(nn.Module):
             of the token mixer before it).
         scan_backend: vim2_kernels backend for every scan (None = automatic).
         selective_recompute: when training, the token mixers recompute their scan branch's projection,
-            conv and SiLU and their gate branch in the backward instead of storing them (45% fewer saved
-            activations for ViM2-T, no measurable time cost; docs/architecture.md). False: plain
-            autograd. Independent of ``set_grad_checkpointing``, which recomputes whole blocks.
+            conv and SiLU and their gate branch in the backward instead of storing them, and every block's
+            LayerNorm runs inside its mixer's recomputed regions (ViM2-T keeps half the activations for
+            about 2% more time; docs/architecture.md). False: plain autograd. Independent of
+            ``set_grad_checkpointing``, which recomputes whole blocks.
     """
 
     def __init__(
@@ -296,7 +304,7 @@ class ViM2(nn.Module):
         )
         channel_mixer_kwargs = dict(
             d_state=d_state if channel_d_state is None else channel_d_state,
-            d_conv=channel_d_conv, scan_backend=scan_backend,
+            d_conv=channel_d_conv, scan_backend=scan_backend, selective_recompute=selective_recompute,
         )
 
         self.stem = Stem(in_chans, embed_dims[0], patch_size=patch_size, **dd)
