@@ -455,3 +455,17 @@ def test_selective_recompute_whole_model_same_results():
         # float32 sums in another order: differences up to 3e-5 of a gradient's largest entry (measured)
         scale = b.grad.abs().max().item()
         assert (a.grad - b.grad).abs().max().item() <= 2e-4 * scale, name
+
+
+@pytest.mark.parametrize('kind', ['token', 'channel'])
+def test_forward_normed_with_a_frozen_mixer_still_trains_the_norm(kind):
+    """A frozen mixer (e.g. an mm backbone's frozen stage) under a trainable norm: forward_normed skips
+    the recomputed regions but still records the norm's graph; same output as mixer(norm(x))."""
+    mixer = SelectiveTokenMixer(8, d_state=4) if kind == 'token' else SelectiveChannelMixer(8, 12, d_state=4)
+    mixer.requires_grad_(False)
+    norm = torch.nn.LayerNorm(8)
+    x = torch.randn(1, 5, 6, 8)
+    out = mixer.forward_normed(norm, x)
+    out.square().sum().backward()
+    assert norm.weight.grad is not None and norm.weight.grad.abs().sum() > 0
+    torch.testing.assert_close(out, mixer(norm(x)), rtol=0, atol=0)

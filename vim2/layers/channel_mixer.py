@@ -136,8 +136,8 @@ class SelectiveChannelMixer(nn.Module):
         """``forward(norm(x))``. With ``selective_recompute`` and autograd recording, ``norm`` and the two
         input projections are one recomputed region: ``norm(x)``, which the projections' backward would
         otherwise keep, is not stored (a ``MixerBlock`` passes its LayerNorm)."""
-        if not self.selective_recompute or not torch.is_grad_enabled():
-            return self.forward(norm(x))
+        if not self.selective_recompute or can_overwrite(x, self.parameters()):
+            return self.forward(norm(x))  # (forward decides for norm(x), whose graph may need recording)
         v, z = recomputed_in_backward(lambda x_: self._project_in(norm(x_).reshape(-1, self.dim)), x)
         return self._mix_projected(v, z).view(*x.shape[:-1], -1)
 

@@ -1,7 +1,7 @@
 """Selective recomputation: a region whose intermediates autograd does not keep; the backward reruns it.
 
 The mixers use it for cheap per-token work whose outputs are full (B, H, W, width) maps (projections,
-convs, activations, gates, the block's weighted average and LayerNorm): recomputing them costs a few
+convs, activations, gates, the block's LayerNorm): recomputing them costs a few
 per cent of a training step and saves most of what the step would keep (docs/architecture.md).
 """
 from __future__ import annotations

@@ -175,8 +175,8 @@ class SelectiveTokenMixer(nn.Module):
         """``forward(norm(x))``. With the selective recomputation on and autograd recording, ``norm`` runs
         inside both recomputed regions, so ``norm(x)``, a (B, H, W, C) map, is not kept for the backward
         (a ``MixerBlock`` passes its LayerNorm; docs/architecture.md)."""
-        if not self.selective_recompute or not torch.is_grad_enabled():
-            return self.forward(norm(x))
+        if not self.selective_recompute or can_overwrite(x, self.parameters()):
+            return self.forward(norm(x))  # (forward decides for norm(x), whose graph may need recording)
         return self._forward_recomputing(norm, x)
 
     def _forward_recomputing(self, prepare: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
