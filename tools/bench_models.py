@@ -76,24 +76,14 @@ THP_SYSFS = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 # Worker (one model, one size; runs in its own process)
 # --------------------------------------------------------------------------------------------------
 
-def _rss_kb(field: str) -> Optional[int]:
+def _proc_kb(field: str, path: str = "/proc/self/status") -> Optional[int]:
+    """A ``Field:  N kB`` line of a Linux /proc file (``VmRSS``/``VmHWM`` in status, ``AnonHugePages`` in
+    smaps_rollup), in kB; None where the file or field is missing."""
     try:
-        with open("/proc/self/status") as handle:
+        with open(path) as handle:
             for line in handle:
                 if line.startswith(field + ":"):
                     return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _huge_pages_mb() -> Optional[float]:
-    """This process's anonymous memory in transparent huge pages (Linux), in MB; None where unknown."""
-    try:
-        with open("/proc/self/smaps_rollup") as handle:
-            for line in handle:
-                if line.startswith("AnonHugePages:"):
-                    return int(line.split()[1]) / 1024
     except (OSError, ValueError):
         return None
     return None
@@ -204,7 +194,7 @@ def run_worker(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
     import timm  # noqa: F401  imported (and torch's CPU kernels touched) before the memory baseline
     import vim2.models  # noqa: F401
     torch.nn.functional.conv2d(torch.randn(1, 3, 16, 16), torch.randn(4, 3, 3, 3)).sum().item()
-    rss_before = _rss_kb("VmRSS")
+    rss_before = _proc_kb("VmRSS")
     try:
         model, notes = _build(spec["model"], spec["size"])
     except Exception as exc:  # a peer that cannot be built at this size
@@ -230,7 +220,7 @@ def run_worker(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
         if cuda:
             peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
         else:
-            hwm = _rss_kb("VmHWM")
+            hwm = _proc_kb("VmHWM")
             # without a peak reset (non-Linux) the high-water mark covers everything so far
             peak_mb = (hwm - rss_before) / 1024 if hwm is not None and rss_before is not None else float("nan")
             if not reset:
@@ -239,8 +229,8 @@ def run_worker(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
                          images_per_s=round(spec["batch_size"] / seconds, 3), peak_mem_mb=round(peak_mb, 1),
                          params_m=round(params_m, 2), notes=notes))
         if not cuda:
-            huge = _huge_pages_mb()
-            rows[-1]["huge_pages_mb"] = None if huge is None else round(huge, 1)
+            huge_kb = _proc_kb("AnonHugePages", "/proc/self/smaps_rollup")
+            rows[-1]["huge_pages_mb"] = None if huge_kb is None else round(huge_kb / 1024, 1)
         if mode == "train":
             del step
             model.zero_grad(set_to_none=True)

@@ -17,6 +17,9 @@ from vim2_kernels.selective_scan import cpu_backend
 
 from test_api import explicit_cross_scan
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+from peak_activation_memory import live_peak_mb  # noqa: E402  (the allocator-event count, shared with the tool)
+
 needs_cpu_kernel = pytest.mark.skipif(
     cpu_backend.unavailable_reason(torch.device("cpu")) is not None,
     reason=f"cpu kernels unavailable: {cpu_backend.unavailable_reason(torch.device('cpu'))}",
@@ -306,14 +309,6 @@ def test_fused_path_with_empty_maps(height, width, dim):
         assert leaf.grad.shape == leaf.shape and not leaf.grad.any(), name
 
 
-def _peak_live_mb(fn) -> float:
-    """Peak of the tensors ``fn`` allocates and frees on the CPU allocator (tools/peak_activation_memory.py)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-    from peak_activation_memory import live_peak_mb
-
-    return live_peak_mb(fn)
-
-
 @needs_cpu_kernel
 def test_fused_training_step_holds_less_than_the_per_route_path(monkeypatch):
     # The fused backward recomputes one route's Δ at a time into one buffer that the cpu kernel overwrites
@@ -332,8 +327,8 @@ def test_fused_training_step_holds_less_than_the_per_route_path(monkeypatch):
         torch.autograd.grad(out, list(leaves.values()), dout)
 
     step()  # first call: one-off allocations stay out of the count
-    fused = _peak_live_mb(step)
+    fused = live_peak_mb(step)
     monkeypatch.setitem(cross_scan.FUSED_LOWRANK_MAX_RANK, "cpu", 0)  # rank 6 > 0: the per-route path
-    per_route = _peak_live_mb(step)
+    per_route = live_peak_mb(step)
     map_mb = x["u"].numel() * 4 / 2**20
     assert fused < per_route - 2.5 * map_mb, (fused / map_mb, per_route / map_mb)
